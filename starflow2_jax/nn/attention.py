@@ -1,0 +1,145 @@
+"""Multi-head / grouped-query attention with an explicit fixed-size KV cache.
+
+The cache is a pytree of fixed-size arrays plus a write index; a call with ``Q`` new tokens writes
+their keys/values at ``[index, index + Q)`` with ``lax.dynamic_update_slice`` and attends to every
+written position its mask allows, so a whole sampling loop compiles once. Keys are cached after
+RoPE (each slot's position is fixed), which is equivalent to the references' pre-RoPE cache.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from starflow2_jax.nn.axes import dense
+from starflow2_jax.nn.norms import RMSNorm
+from starflow2_jax.nn.rope import apply_rope
+
+MASK_KINDS = ("causal", "prefix", "bidirectional")
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values ``(B, S, Hkv, hd)`` per layer (a leading layer axis when stacked) and the
+    number of positions written so far (``index``, int32 scalar)."""
+
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def create(cls, batch: int, length: int, num_kv_heads: int, head_dim: int, *,
+               num_layers: int | None = None, dtype=jnp.float32) -> "KVCache":
+        """An empty cache of ``length`` slots (``num_layers`` stacked copies if given)."""
+        shape = (batch, length, num_kv_heads, head_dim)
+        if num_layers is not None:
+            shape = (num_layers,) + shape
+        zeros = jnp.zeros(shape, dtype)
+        return cls(k=zeros, v=zeros, index=jnp.zeros((), jnp.int32))
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[-3]
+
+    def rewind(self, n) -> "KVCache":
+        """Moves the write index back by ``n`` so the next call overwrites the last ``n`` slots."""
+        return self.replace(index=self.index - n)
+
+    def advance(self, n) -> "KVCache":
+        return self.replace(index=self.index + n)
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, kind: str = "causal", prefix_len: int = 0) -> jax.Array:
+    """Boolean ``(Q, K)`` mask, True where query at position q_pos may attend key at k_pos.
+
+    'causal': k <= q. 'prefix': causal, plus every query sees the first ``prefix_len`` keys
+    (bidirectional prefix). 'bidirectional': every key.
+    """
+    q = q_pos[:, None]
+    k = k_pos[None, :]
+    if kind == "causal":
+        return k <= q
+    if kind == "prefix":
+        return (k <= q) | (k < prefix_len)
+    if kind == "bidirectional":
+        return jnp.ones((q_pos.shape[0], k_pos.shape[0]), bool)
+    raise ValueError(f"mask kind {kind!r}: expected one of {MASK_KINDS}")
+
+
+class Attention(nn.Module):
+    """Attention over ``x`` (B, Q, D) → (B, Q, out_features or D).
+
+    Options: GQA (``num_kv_heads`` divides ``num_heads``; query head h uses kv head h // group),
+    q/k RMSNorm over the head dim, interleaved or half-split RoPE, a per-row attention temperature
+    (softmax(q·k / sqrt(hd) / τ)), and causal / prefix / bidirectional masks.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    out_features: int | None = None
+    use_bias: bool = True
+    qk_norm: bool = False
+    qk_norm_eps: float = 1e-6
+    rope_style: str = "interleaved"
+    mask: str = "causal"
+    prefix_len: int = 0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, angles: jax.Array | None = None, kv=None, index=None,
+                 temperature: jax.Array | None = None):
+        """Returns ``(y, kv)``; ``kv`` is the updated ``(k_cache, v_cache)`` pair or None.
+
+        angles: (Q, hd/2) or (B, Q, hd/2) RoPE angles of the new tokens (None: no RoPE).
+        kv/index: cache arrays (B, S, Hkv, hd) and the slot of the first new token.
+        temperature: scalar or (B,) attention temperature τ (None: 1).
+        """
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        batch, q_len, dim = x.shape
+        hd, h, hkv = self.head_dim, self.num_heads, self.num_kv_heads
+        common = dict(use_bias=self.use_bias, dtype=self.dtype, fan_in=dim)
+        q = dense((h, hd), ("embed",), ("heads", "head_dim"), name="query", **common)(x)
+        k = dense((hkv, hd), ("embed",), ("kv_heads", "head_dim"), name="key", **common)(x)
+        v = dense((hkv, hd), ("embed",), ("kv_heads", "head_dim"), name="value", **common)(x)
+        if self.qk_norm:
+            q = RMSNorm(epsilon=self.qk_norm_eps, axis_name="head_dim", name="query_norm")(q)
+            k = RMSNorm(epsilon=self.qk_norm_eps, axis_name="head_dim", name="key_norm")(k)
+        if angles is not None:
+            q = apply_rope(q, angles, self.rope_style)
+            k = apply_rope(k, angles, self.rope_style)
+
+        if kv is None:
+            q_pos = jnp.arange(q_len)
+            k_all, v_all, k_pos = k, v, q_pos
+            valid = None
+        else:
+            k_cache, v_cache = kv
+            start = jnp.asarray(index, jnp.int32)
+            k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, start, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, start, 0, 0))
+            kv = (k_all, v_all)
+            q_pos = start + jnp.arange(q_len)
+            k_pos = jnp.arange(k_all.shape[1])
+            valid = k_pos < start + q_len
+        mask = attention_mask(q_pos, k_pos, self.mask, self.prefix_len)
+        if valid is not None:
+            mask = mask & valid[None, :]
+
+        scale = jnp.full((batch,), hd ** -0.5, jnp.float32)
+        if temperature is not None:
+            scale = scale / jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (batch,))
+        group = h // hkv
+        qg = q.reshape(batch, q_len, hkv, group, hd)
+        logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k_all.astype(q.dtype), preferred_element_type=jnp.float32)
+        logits = logits * scale[:, None, None, None, None]
+        logits = jnp.where(mask[None, None, None], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_all.astype(self.dtype)).reshape(batch, q_len, h, hd)
+        out = nn.with_logical_constraint(out, ("act_batch", "act_seq", "act_heads", None))
+        y = dense(self.out_features or dim, ("heads", "head_dim"), ("embed",), axis=(-2, -1),
+                  use_bias=self.use_bias, dtype=self.dtype, fan_in=h * hd, name="out")(out)
+        return y, kv
