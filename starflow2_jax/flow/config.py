@@ -194,3 +194,27 @@ def starflow_config(in_channels: int, img_size, patch_size: int, channels: int, 
         post_norm=use_post_norm, guide_deep_only=bool(cond_top_only or guide_top),
         latent_norm_reg=latent_norm_regularization)
     return dataclasses.replace(cfg, **overrides).validate()
+
+
+def config_to_dict(config: FlowConfig) -> dict:
+    """A JSON-ready dict of the config (blocks as a list of dicts)."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(data: dict) -> FlowConfig:
+    """Inverse of ``config_to_dict``; unknown fields raise a ValueError naming them."""
+    names = {f.name for f in dataclasses.fields(FlowConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown FlowConfig fields: {unknown}")
+    data = dict(data)
+    data["image_size"] = tuple(data["image_size"])
+    block_names = {f.name for f in dataclasses.fields(BlockConfig)}
+    blocks = []
+    for k, b in enumerate(data["blocks"]):
+        bad = sorted(set(b) - block_names)
+        if bad:
+            raise ValueError(f"unknown BlockConfig fields in blocks[{k}]: {bad}")
+        blocks.append(BlockConfig(**b))
+    data["blocks"] = tuple(blocks)
+    return FlowConfig(**data).validate()

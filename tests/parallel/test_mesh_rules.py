@@ -116,22 +116,12 @@ def test_logical_shardings_reject_unknown_names_and_axes(mesh):
 def test_flow_variable_shardings_match_init_structure(mesh):
     config = flow.tarflow_config(3, 16, 4, 64, 2, 1, num_classes=10)
     shardings = parallel.flow_variable_shardings(config, mesh)
-    variables = flow.init(config, jax.random.key(0))
+    variables = jax.eval_shape(lambda rng: flow.init(config, rng), jax.random.key(0))
     assert jax.tree.structure(shardings) == jax.tree.structure(variables)
     assert shardings["prior"]["var"].spec == P()
     layers = shardings["params"]["blocks_0"]["layers"]
     assert layers["mlp"]["wi"]["kernel"].spec == P(None, "fsdp", "tensor")
     assert layers["attn"]["query"]["kernel"].spec == P(None, "fsdp", None, None)  # 1 head: replicated
-
-
-def test_init_flow_sharded_equals_init(mesh):
-    config = flow.tarflow_config(3, 16, 4, 64, 2, 1, num_classes=10)
-    sharded = parallel.init_flow_sharded(config, jax.random.key(0), mesh)
-    plain = flow.init(config, jax.random.key(0))
-    shardings = parallel.flow_variable_shardings(config, mesh)
-    for got, want, sharding in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain), jax.tree.leaves(shardings)):
-        assert got.sharding == sharding
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)  # jit vs eager init
 
 
 # ---- batches and the activation context -------------------------------------------------------
