@@ -96,16 +96,16 @@ def perturb(tree, rng: jax.Array, scale: float):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _clean(value):
+def _clean(value, where: str = "result"):
     """JSON-safe copy: numpy/JAX scalars and arrays to Python numbers/lists; NaN/inf rejected."""
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): _clean(v, str(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [_clean(v, where) for v in value]
     if isinstance(value, (jax.Array, np.ndarray, np.generic)):
-        return _clean(np.asarray(value).tolist())
+        return _clean(np.asarray(value).tolist(), where)
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"benchmark result {value!r} is not finite")
+        raise ValueError(f"benchmark result {where}={value!r} is not finite")
     return value
 
 

@@ -62,7 +62,7 @@ def init(config: FlowConfig, rng: jax.Array, batch: int = 1) -> dict:
     labels = jnp.zeros((batch,), jnp.int32) if config.num_classes else None
     text = jnp.zeros((batch, config.text_len, config.text_dim)) if any(
         b.text_conditioned for b in config.blocks) else None
-    variables = FlowModel(config).init(rng, x, labels, text)
+    variables = jax.jit(FlowModel(config).init)(rng, x, labels, text)
     return unbox(variables)
 
 
