@@ -56,14 +56,17 @@ def split_cond(config: FlowConfig, cond, batch: int | None = None):
 
 
 def init(config: FlowConfig, rng: jax.Array, batch: int = 1) -> dict:
-    """Fresh variables ``{'params', 'prior'}`` (params keep their logical-axis boxes stripped)."""
-    config.validate()
+    """Fresh variables ``{'params', 'prior'}`` (plain arrays; logical-axis boxes stripped)."""
+    return _init(config.validate(), rng, batch)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init(config: FlowConfig, rng: jax.Array, batch: int) -> dict:
     x = jnp.zeros((batch, config.num_tokens, config.token_dim), jnp.float32)
     labels = jnp.zeros((batch,), jnp.int32) if config.num_classes else None
     text = jnp.zeros((batch, config.text_len, config.text_dim)) if any(
         b.text_conditioned for b in config.blocks) else None
-    variables = jax.jit(FlowModel(config).init)(rng, x, labels, text)
-    return unbox(variables)
+    return unbox(FlowModel(config).init(rng, x, labels, text))
 
 
 def unbox(tree):
