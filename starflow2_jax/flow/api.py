@@ -60,13 +60,20 @@ def init(config: FlowConfig, rng: jax.Array, batch: int = 1) -> dict:
     return _init(config.validate(), rng, batch)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _init(config: FlowConfig, rng: jax.Array, batch: int) -> dict:
+def init_boxed(config: FlowConfig, rng: jax.Array, batch: int = 1) -> dict:
+    """Like ``init``, but params stay ``nn.Partitioned`` boxes carrying their logical axis names
+    (``jax.eval_shape`` of it gives the shapes and names that shardings are derived from)."""
+    config.validate()
     x = jnp.zeros((batch, config.num_tokens, config.token_dim), jnp.float32)
     labels = jnp.zeros((batch,), jnp.int32) if config.num_classes else None
     text = jnp.zeros((batch, config.text_len, config.text_dim)) if any(
         b.text_conditioned for b in config.blocks) else None
-    return unbox(FlowModel(config).init(rng, x, labels, text))
+    return FlowModel(config).init(rng, x, labels, text)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init(config: FlowConfig, rng: jax.Array, batch: int) -> dict:
+    return unbox(init_boxed(config, rng, batch))
 
 
 def unbox(tree):

@@ -63,7 +63,11 @@ def dense(
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(init, tuple(in_axes_names) + tuple(out_axes_names)),
-        bias_init=nn.with_logical_partitioning(bias_init, tuple(out_axes_names)),
+        # rules=(): DenseGeneral creates multi-axis kernels flat and reshapes them afterwards; unboxing the
+        # flat value applies the full-rank logical names as a sharding constraint whenever a mesh is
+        # active (also in apply, inside flax's shape check), which fails. Parameter shardings come
+        # from the abstract init and the rules table (parallel/sharding.py), not from init-time constraints.
+        kernel_init=nn.with_logical_partitioning(init, tuple(in_axes_names) + tuple(out_axes_names), rules=()),
+        bias_init=nn.with_logical_partitioning(bias_init, tuple(out_axes_names), rules=()),
         name=name,
     )

@@ -35,7 +35,8 @@ def mesh_shape(shape: Mapping[str, int] | Sequence[int], num_devices: int) -> tu
     if isinstance(shape, Mapping):
         unknown = [name for name in shape if name not in MESH_AXES]
         if unknown:
-            raise ValueError(f"mesh shape {dict(shape)}: unknown axis name(s) {unknown}; expected a subset of {MESH_AXES}")
+            raise ValueError(f"mesh shape {dict(shape)}: unknown axis name(s) {unknown}; "
+                             f"expected a subset of {MESH_AXES}")
         sizes = [shape.get(name, 1) for name in MESH_AXES]
     else:
         sizes = list(shape)

@@ -42,7 +42,8 @@ def logical_shardings(abstract_boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any
     for name, axes in rules:
         for axis in ((axes,) if isinstance(axes, str) else tuple(axes or ())):
             if axis not in mesh.shape:
-                raise ValueError(f"rule ({name!r}, {axes!r}) names mesh axis {axis!r}; the mesh has {tuple(mesh.shape)}")
+                raise ValueError(f"rule ({name!r}, {axes!r}) names mesh axis {axis!r}; "
+                                 f"the mesh has {tuple(mesh.shape)}")
 
     def leaf_sharding(path, leaf):
         if not _is_boxed(leaf):
@@ -59,12 +60,7 @@ def logical_shardings(abstract_boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any
 
 def abstract_flow_variables(config) -> dict:
     """``jax.eval_shape`` of the flow's boxed init: ``{'params': Partitioned(ShapeDtypeStruct)…, 'prior': …}``."""
-    config.validate()
-    x = jnp.zeros((1, config.num_tokens, config.token_dim), jnp.float32)
-    labels = jnp.zeros((1,), jnp.int32) if config.num_classes else None
-    text_blocks = any(b.text_conditioned for b in config.blocks)
-    text = jnp.zeros((1, config.text_len, config.text_dim), jnp.float32) if text_blocks else None
-    return jax.eval_shape(lambda rng: flow.FlowModel(config).init(rng, x, labels, text), jax.random.key(0))
+    return jax.eval_shape(lambda rng: flow.init_boxed(config, rng), jax.random.key(0))
 
 
 def flow_variable_shardings(config, mesh: Mesh, rules: Rules = FLOW_RULES) -> dict:
