@@ -106,7 +106,7 @@ def test_attention_matches_torch_sdpa(heads, kv_heads, qk_norm):
         q, k = rms(q, p["query_norm"]["scale"]), rms(k, p["key_norm"]["scale"])
     q = np.asarray(apply_rope(jnp.asarray(q), jnp.asarray(angles)))  # RoPE itself is checked above
     k = np.asarray(apply_rope(jnp.asarray(k), jnp.asarray(angles)))
-    tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(a.transpose(0, 2, 1, 3))) for a in (q, k, v))
+    tq, tk, tv = (torch.from_numpy(np.array(a.transpose(0, 2, 1, 3))) for a in (q, k, v))
     tk = tk.repeat_interleave(heads // kv_heads, dim=1)  # the reference's GQA expansion
     tv = tv.repeat_interleave(heads // kv_heads, dim=1)
     rows = []
