@@ -14,14 +14,13 @@ so within one process use one rules table per mesh (or ``jax.clear_caches()`` af
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from starflow2_jax import flow
 from starflow2_jax.parallel.rules import BATCH_AXES, FLOW_RULES, Rules, axes_size, fit_spec
 
 
@@ -58,26 +57,19 @@ def logical_shardings(abstract_boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any
     return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_boxed_tree, is_leaf=_is_boxed)
 
 
-def abstract_flow_variables(config) -> dict:
-    """``jax.eval_shape`` of the flow's boxed init: ``{'params': Partitioned(ShapeDtypeStruct)…, 'prior': …}``."""
-    return jax.eval_shape(lambda rng: flow.init_boxed(config, rng), jax.random.key(0))
+def variable_shardings(init_boxed_fn: Callable[[jax.Array], Any], mesh: Mesh, rules: Rules) -> Any:
+    """``NamedSharding``s for the unboxed variables that ``init_boxed_fn(rng)`` creates, derived from
+    ``jax.eval_shape`` (no memory is touched): boxed params by ``rules``, anything else replicated."""
+    abstract = jax.eval_shape(init_boxed_fn, jax.random.key(0))
+    return logical_shardings(abstract, mesh, rules)
 
 
-def flow_variable_shardings(config, mesh: Mesh, rules: Rules = FLOW_RULES) -> dict:
-    """``NamedSharding``s for ``flow.init(config, …)``'s variables: 'params' by ``rules``, every other
-    collection (the 'prior' variance) replicated. Same tree structure as the unboxed variables."""
-    abstract = abstract_flow_variables(config)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return {collection: (logical_shardings(tree, mesh, rules) if collection == "params"
-                         else jax.tree_util.tree_map(lambda _: replicated, nn.meta.unbox(tree)))
-            for collection, tree in abstract.items()}
-
-
-def init_flow_sharded(config, rng: jax.Array, mesh: Mesh, rules: Rules = FLOW_RULES) -> dict:
-    """``flow.init(config, rng)`` created directly in its sharded layout (jit with ``out_shardings``),
-    so no device ever holds the full parameter set."""
-    shardings = flow_variable_shardings(config, mesh, rules)
-    return jax.jit(flow.init, static_argnums=0, out_shardings=shardings)(config, rng)
+def init_sharded(init_boxed_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh, rules: Rules) -> Any:
+    """The unboxed variables of ``init_boxed_fn(rng)`` (a Flax init whose params carry logical
+    names, e.g. ``functools.partial(flow.init_boxed, config)``), created directly in their sharded
+    layout by a jit with ``out_shardings``, so no device ever holds the full parameter set."""
+    shardings = variable_shardings(init_boxed_fn, mesh, rules)
+    return jax.jit(lambda key: nn.meta.unbox(init_boxed_fn(key)), out_shardings=shardings)(rng)
 
 
 def shard_variables(variables: Any, shardings: Any) -> Any:

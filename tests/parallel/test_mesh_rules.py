@@ -1,5 +1,6 @@
 """Mesh construction, the rules tables with their divisibility fallback, and batch/variable shardings."""
 
+import functools
 import warnings
 
 import flax.linen as nn
@@ -115,7 +116,7 @@ def test_logical_shardings_reject_unknown_names_and_axes(mesh):
 
 def test_flow_variable_shardings_match_init_structure(mesh):
     config = flow.tarflow_config(3, 16, 4, 64, 2, 1, num_classes=10)
-    shardings = parallel.flow_variable_shardings(config, mesh)
+    shardings = parallel.variable_shardings(functools.partial(flow.init_boxed, config), mesh, parallel.FLOW_RULES)
     variables = jax.eval_shape(lambda rng: flow.init(config, rng), jax.random.key(0))
     assert jax.tree.structure(shardings) == jax.tree.structure(variables)
     assert shardings["prior"]["var"].spec == P()

@@ -1,12 +1,13 @@
 """Flows on a (2 data × 2 fsdp × 2 tensor) mesh compute what they compute on one device.
 
 Oracle: the same functions on unsharded inputs (one device, no mesh). Variables come from
-``parallel.init_flow_sharded`` (a jitted ``flow.init``), every parameter is perturbed by small noise
+``parallel.init_sharded`` (a jitted ``flow.init_boxed``), every parameter is perturbed by small noise
 (so proj_out is nonzero), the 'prior' collection is left alone; the same values are then used
 replicated on one device and sharded by ``FLOW_RULES``. The sharded calls run inside
 ``activation_rules`` so the models' activation constraints are active.
 """
 
+import functools
 from types import SimpleNamespace
 
 import jax
@@ -46,8 +47,9 @@ def mesh():
 @pytest.fixture(scope="module", params=["tarflow", "starflow"])
 def case(request, mesh):
     config, cond, uncond, guidance = {"tarflow": _tarflow, "starflow": _starflow}[request.param]()
-    shardings = parallel.flow_variable_shardings(config, mesh)
-    initial = parallel.init_flow_sharded(config, jax.random.key(0), mesh)
+    init_fn = functools.partial(flow.init_boxed, config)
+    shardings = parallel.variable_shardings(init_fn, mesh, parallel.FLOW_RULES)
+    initial = parallel.init_sharded(init_fn, jax.random.key(0), mesh, parallel.FLOW_RULES)
     host = jax.device_get(initial)
     rng = np.random.default_rng(1)
     host["params"] = jax.tree.map(
@@ -81,7 +83,7 @@ def _assert_on_mesh(array, mesh):
 
 def test_variables_and_batch_are_sharded(case, mesh):
     for got, want in zip(jax.tree.leaves(case.initial), jax.tree.leaves(case.shardings)):
-        assert got.sharding == want  # init_flow_sharded creates them in place
+        assert got.sharding == want  # init_sharded creates them in place
     params = case.sharded.variables["params"]
     kernel = params["blocks_0"]["layers"]["mlp"]["wi"]["kernel"]  # (layers, embed, mlp)
     assert kernel.sharding.spec == P(None, "fsdp", "tensor")
