@@ -111,21 +111,30 @@ def bench_train(config: flow.FlowConfig, variables: dict, images, cond, *, steps
     prior = variables["prior"]
     step, compile_s = common.compile_ahead(make_train_step(config, optimizer), state, prior, images, cond)
     common.log(f"train step compiled in {compile_s:.1f}s")
-    loss = None
+    first_loss = last_loss = None
 
     def call():
-        nonlocal state, loss
-        state, loss = step(state, prior, images, cond)
-        return loss
+        nonlocal state, first_loss, last_loss
+        state, last_loss = step(state, prior, images, cond)
+        first_loss = last_loss if first_loss is None else first_loss
+        return last_loss
 
     timing = common.time_calls(call, steps=steps, repeats=repeats)
     common.log(f"train: {timing.median * 1e3:.1f} ms/step (runs: {[round(t * 1e3, 1) for t in timing.runs]})")
+    first, last = float(first_loss), float(last_loss)
+    common.log(f"train loss: {first:.4g} at the first step, {last:.4g} after {1 + steps * repeats} steps")
+    if not (np.isfinite(first) and np.isfinite(last)):
+        common.log("WARNING: non-finite training loss (reported as null); the step timings still stand")
     return dict(train_steps_per_s=timing.per_second, train_step_ms=timing.median * 1e3, compile_s=compile_s,
-                train_loss=float(loss))
+                train_loss_first=_finite_or_none(first), train_loss=_finite_or_none(last))
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if np.isfinite(value) else None
 
 
 def bench_sample(config: flow.FlowConfig, variables: dict, noise, cond, *, jacobi, repeats: int):
-    """Returns ``(images/s, compile seconds, iterations per block)`` of ``flow.sample``."""
+    """Returns ``(images/s, compile seconds, iterations per block, all samples finite)`` of ``flow.sample``."""
     sampler = jax.jit(lambda v, n, c: flow.sample(config, v, n, c, jacobi=jacobi, return_info=True))
     compiled, compile_s = common.compile_ahead(sampler, variables, noise, cond)
     name = "jacobi" if jacobi else "sequential"
@@ -133,13 +142,16 @@ def bench_sample(config: flow.FlowConfig, variables: dict, noise, cond, *, jacob
     info = {}
 
     def call():
-        images, info["last"] = compiled(variables, noise, cond)
-        return images
+        info["images"], info["info"] = compiled(variables, noise, cond)
+        return info["images"]
 
     timing = common.time_calls(call, steps=1, repeats=repeats)
-    iterations = np.asarray(info["last"]["iterations"]).tolist()
+    iterations = np.asarray(info["info"]["iterations"]).tolist()
+    finite = bool(jnp.all(jnp.isfinite(info["images"])))
     common.log(f"{name}: {timing.median * 1e3:.1f} ms/batch, iterations per block {iterations}")
-    return noise.shape[0] / timing.median, compile_s, iterations
+    if not finite:
+        common.log(f"WARNING: {name} samples are not finite (iteration counts are then not meaningful)")
+    return noise.shape[0] / timing.median, compile_s, iterations, finite
 
 
 def run(name: str, *, batch: int | None = None, steps: int = 10, repeats: int = 3, dtype: str | None = None,
@@ -163,16 +175,18 @@ def run(name: str, *, batch: int | None = None, steps: int = 10, repeats: int = 
     record.update(bench_train(config, variables, images, cond, steps=steps, repeats=repeats))
     sample_keys = ("sample_seq_images_per_s", "sample_seq_tokens_per_s", "sample_jacobi_images_per_s",
                    "sample_jacobi_tokens_per_s", "jacobi_iterations", "jacobi_speedup",
-                   "sample_seq_compile_s", "sample_jacobi_compile_s")
+                   "sample_seq_compile_s", "sample_jacobi_compile_s", "sample_finite")
     if skip_sampling:
         record.update(dict.fromkeys(sample_keys))
     else:
-        seq, seq_compile, _ = bench_sample(config, variables, noise, cond, jacobi=None, repeats=repeats)
-        jac, jac_compile, iterations = bench_sample(config, variables, noise, cond, jacobi=JACOBI, repeats=repeats)
+        seq, seq_compile, _, seq_finite = bench_sample(config, variables, noise, cond, jacobi=None, repeats=repeats)
+        jac, jac_compile, iterations, jac_finite = bench_sample(config, variables, noise, cond, jacobi=JACOBI,
+                                                                repeats=repeats)
         t = config.num_tokens
         record.update(sample_seq_images_per_s=seq, sample_seq_tokens_per_s=seq * t, sample_jacobi_images_per_s=jac,
                       sample_jacobi_tokens_per_s=jac * t, jacobi_iterations=iterations, jacobi_speedup=jac / seq,
-                      sample_seq_compile_s=seq_compile, sample_jacobi_compile_s=jac_compile)
+                      sample_seq_compile_s=seq_compile, sample_jacobi_compile_s=jac_compile,
+                      sample_finite=seq_finite and jac_finite)
     return {k: common.round_sig(v) if isinstance(v, float) else v for k, v in record.items()}
 
 

@@ -43,7 +43,7 @@ def test_tiny_config_prints_one_json_line(capsys):
     # one chunk of 15 generated positions per block: Jacobi needs 1..max_iters passes per block
     iterations = record["jacobi_iterations"]
     assert len(iterations) == 2 and all(1 <= i <= 32 for i in iterations), iterations
-    assert math.isfinite(record["train_loss"])
+    assert math.isfinite(record["train_loss"]) and record["sample_finite"] is True
 
 
 def test_list_names_every_config(capsys):
