@@ -109,7 +109,7 @@ class AFBlock(nn.Module):
         if cfg.position == "learned":
             self.pos_embed = param_with_axes(self, "pos_embed", nn.initializers.normal(0.01),
                                              (cfg.num_tokens, width), ("seq", "embed"))
-        if cfg.num_classes:
+        if cfg.num_classes and b.class_conditioned:
             self.class_embed = param_with_axes(self, "class_embed", nn.initializers.normal(0.01),
                                                (cfg.num_classes, width), ("classes", "embed"))
         if cfg.sos:
@@ -163,7 +163,7 @@ class AFBlock(nn.Module):
             if capacity > table.shape[0]:
                 table = jnp.pad(table, ((0, capacity - table.shape[0]), (0, 0)))
             h = h + jax.lax.dynamic_slice_in_dim(table, start, inp.shape[1], axis=0).astype(h.dtype)
-        if cfg.num_classes:
+        if cfg.num_classes and self.block.class_conditioned:
             h = h + self.class_vectors(labels, inp.shape[0])[:, None].astype(h.dtype)
         return h
 

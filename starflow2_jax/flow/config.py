@@ -23,6 +23,7 @@ class BlockConfig:
     head_dim: int = 64
     permutation: str = "identity"  # 'identity' | 'flip' (applied to the raster token order)
     text_conditioned: bool = False  # text prefix through proj_txt (STARFlow)
+    class_conditioned: bool = True  # class embedding added (when the flow has num_classes > 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,10 +162,11 @@ def starflow_config(in_channels: int, img_size, patch_size: int, channels: int, 
                     seq_order: str = "L2R", norm_type: str = "layer_norm", use_swiglu: bool = False,
                     use_qk_norm: bool = False, use_post_norm: bool = False, use_bias: bool = True,
                     pt_seq_len: float | None = None, latent_norm_regularization: float = 0.0,
-                    **overrides) -> FlowConfig:
+                    num_classes: int = 0, **overrides) -> FlowConfig:
     """``ml-starflow`` ``Model(...)`` with ``rope=1`` (its learned-position path crashes): deep–shallow
     blocks (the last one is the deep block, optionally ``top_block_channels`` wide), text prefix in the
-    deep block only when ``cond_top_only``."""
+    deep block only when ``cond_top_only``. ``num_classes`` (not in ml-starflow, whose label route is
+    broken) adds TarFlow's class embedding to the same blocks that would take the text."""
     lpb = list(layers_per_block) if not isinstance(layers_per_block, int) else [layers_per_block] * num_blocks
     if num_blocks and len(lpb) == 1:
         lpb = lpb * num_blocks
@@ -184,11 +186,12 @@ def starflow_config(in_channels: int, img_size, patch_size: int, channels: int, 
         blocks.append(BlockConfig(
             width=width, num_layers=n_layers, num_heads=heads, num_kv_heads=num_kv_heads or heads,
             head_dim=head_dim, permutation=("identity", "flip")[phase % 2],
-            text_conditioned=bool(txt_dim) and (k == k_total - 1 or not cond_top_only)))
+            text_conditioned=bool(txt_dim) and (k == k_total - 1 or not cond_top_only),
+            class_conditioned=k == k_total - 1 or not cond_top_only))
     cfg = FlowConfig(
         image_size=_square(img_size), in_channels=in_channels, patch_size=patch_size, blocks=tuple(blocks),
         variant="starflow", feature_order="ijc", text_dim=txt_dim if txt_dim else 0,
-        text_len=txt_size, sos=sos, position="rope", pt_seq_len=pt_seq_len,
+        text_len=txt_size, num_classes=num_classes, sos=sos, position="rope", pt_seq_len=pt_seq_len,
         scale_fn="softplus" if use_softplus else "exp", soft_clip=soft_clip, final_norm=use_final_norm,
         norm=norm, mlp="swiglu" if use_swiglu else "gelu", use_bias=use_bias, qk_norm=use_qk_norm,
         post_norm=use_post_norm, guide_deep_only=bool(cond_top_only or guide_top),

@@ -44,6 +44,8 @@ CONFIGS = {
     "starflow-all-cond-no-sos": flow.starflow_config(4, 8, 1, 64, layers_per_block=[1, 1], head_dim=32, txt_size=4,
                                                      txt_dim=8, cond_top_only=False, sos=False,
                                                      use_softplus=False, soft_clip=0.0),
+    "starflow-labels-deep-only": flow.starflow_config(1, 8, 2, 64, layers_per_block=[1, 1], head_dim=32,
+                                                      num_classes=10),
     "starflow-uncond-2d-rope": flow.starflow_config(3, 8, 2, 64, layers_per_block=[1, 1], head_dim=32),
 }
 
@@ -179,3 +181,10 @@ def test_remat_and_bfloat16_run():
     z16, ld16 = flow.forward(bf16, variables, x, cond)
     assert z16.dtype == jnp.float32 and ld16.dtype == jnp.float32
     assert float(jnp.abs(z16 - z32).max()) < 0.1
+
+
+def test_class_embedding_only_in_conditioned_blocks():
+    config = CONFIGS["starflow-labels-deep-only"]
+    variables = flow.init(config, jax.random.PRNGKey(0))
+    assert "class_embed" not in variables["params"]["blocks_0"]
+    assert variables["params"]["blocks_1"]["class_embed"].shape == (10, 64)
