@@ -81,6 +81,7 @@ class Attention(nn.Module):
     head_dim: int
     out_features: int | None = None
     use_bias: bool = True
+    out_bias: bool | None = None  # bias of the output projection (default: use_bias; Qwen: q/k/v only)
     qk_norm: bool = False
     qk_norm_eps: float = 1e-6
     rope_style: str = "interleaved"
@@ -90,12 +91,14 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, angles: jax.Array | None = None, kv=None, index=None,
-                 temperature: jax.Array | None = None):
+                 temperature: jax.Array | None = None, segment_ids: jax.Array | None = None):
         """Returns ``(y, kv)``; ``kv`` is the updated ``(k_cache, v_cache)`` pair or None.
 
         angles: (Q, hd/2) or (B, Q, hd/2) RoPE angles of the new tokens (None: no RoPE).
         kv/index: cache arrays (B, S, Hkv, hd) and the slot of the first new token.
         temperature: scalar or (B,) attention temperature τ (None: 1).
+        segment_ids: (B, Q) ints; tokens attend only within their own segment (packed sequences,
+        windowed attention). Not combinable with a cache.
         """
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
@@ -125,9 +128,13 @@ class Attention(nn.Module):
             q_pos = start + jnp.arange(q_len)
             k_pos = jnp.arange(k_all.shape[1])
             valid = k_pos < start + q_len
-        mask = attention_mask(q_pos, k_pos, self.mask, self.prefix_len)
+        mask = attention_mask(q_pos, k_pos, self.mask, self.prefix_len)[None]  # (1|B, Q, K)
         if valid is not None:
-            mask = mask & valid[None, :]
+            mask = mask & valid[None, None, :]
+        if segment_ids is not None:
+            if kv is not None:
+                raise ValueError("segment_ids cannot be combined with a KV cache")
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
 
         scale = jnp.full((batch,), hd ** -0.5, jnp.float32)
         if temperature is not None:
@@ -136,10 +143,11 @@ class Attention(nn.Module):
         qg = q.reshape(batch, q_len, hkv, group, hd)
         logits = jnp.einsum("bqkgd,bskd->bkgqs", qg, k_all.astype(q.dtype), preferred_element_type=jnp.float32)
         logits = logits * scale[:, None, None, None, None]
-        logits = jnp.where(mask[None, None, None], logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v_all.astype(self.dtype)).reshape(batch, q_len, h, hd)
         out = nn.with_logical_constraint(out, ("act_batch", "act_seq", "act_heads", None))
+        out_bias = self.use_bias if self.out_bias is None else self.out_bias
         y = dense(self.out_features or dim, ("heads", "head_dim"), ("embed",), axis=(-2, -1),
-                  use_bias=self.use_bias, dtype=self.dtype, fan_in=h * hd, name="out")(out)
+                  use_bias=out_bias, dtype=self.dtype, fan_in=h * hd, name="out")(out)
         return y, kv

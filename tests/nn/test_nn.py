@@ -144,3 +144,16 @@ def test_attention_masks():
     assert np.asarray(attention_mask(q, q, "bidirectional")).all()
     with pytest.raises(ValueError, match="mask kind 'diagonal'"):
         attention_mask(q, q, "diagonal")
+
+
+def test_segment_ids_restrict_attention_to_own_segment():
+    batch, length, dim, hd = 1, 6, 16, 8
+    x = rand((batch, length, dim))
+    module = Attention(num_heads=2, num_kv_heads=2, head_dim=hd, mask="bidirectional", use_bias=True, out_bias=False)
+    params = attention_params(module, x)
+    assert "bias" not in params["out"] and "bias" in params["query"]
+    segments = jnp.array([[0, 0, 0, 1, 1, 1]])
+    packed, _ = module.apply({"params": params}, x, segment_ids=segments)
+    first, _ = module.apply({"params": params}, x[:, :3])
+    second, _ = module.apply({"params": params}, x[:, 3:])
+    np.testing.assert_allclose(packed, jnp.concatenate([first, second], 1), atol=1e-5)
