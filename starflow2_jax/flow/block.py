@@ -18,16 +18,11 @@ import numpy as np
 
 from starflow2_jax.flow.config import BlockConfig, FlowConfig
 from starflow2_jax.flow.patchify import permute, unpermute
-from starflow2_jax.nn import MLP, Attention, KVCache, RMSNorm, dense, make_norm, param_with_axes
+from starflow2_jax.nn import MLP, Attention, KVCache, RMSNorm, dense, make_norm, param_with_axes, remat_layer
 from starflow2_jax.nn.rope import starflow_rope_angles
 
 INV_SOFTPLUS_1 = math.log(math.e - 1.0)  # softplus(a + ln(e-1)) = 1 at a = 0
 
-_REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 def compute_dtype(config: FlowConfig):
@@ -85,10 +80,7 @@ class FlowLayer(nn.Module):
 def layer_stack(config: FlowConfig, block: BlockConfig) -> nn.Module:
     """``block.num_layers`` FlowLayers under ``nn.scan`` (params stacked on a leading 'layers' axis),
     each wrapped in ``nn.remat`` with the config's policy. Call: ``(h, kv, angles, index, τ) → (h, kv)``."""
-    layer = FlowLayer
-    if config.remat != "none":
-        layer = nn.remat(FlowLayer, policy=_REMAT_POLICIES[config.remat], prevent_cse=False)
-    scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+    scanned = nn.scan(remat_layer(FlowLayer, config.remat), variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                       length=block.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(config, block)

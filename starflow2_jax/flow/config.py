@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+from starflow2_jax.nn.remat import REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -91,7 +91,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, angles: jax.Array | None = None, kv=None, index=None,
-                 temperature: jax.Array | None = None, segment_ids: jax.Array | None = None):
+                 temperature: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 key_mask: jax.Array | None = None):
         """Returns ``(y, kv)``; ``kv`` is the updated ``(k_cache, v_cache)`` pair or None.
 
         angles: (Q, hd/2) or (B, Q, hd/2) RoPE angles of the new tokens (None: no RoPE).
@@ -99,6 +100,8 @@ class Attention(nn.Module):
         temperature: scalar or (B,) attention temperature τ (None: 1).
         segment_ids: (B, Q) ints; tokens attend only within their own segment (packed sequences,
         windowed attention). Not combinable with a cache.
+        key_mask: (B, K) bools, False for keys no query may attend (padding); K is Q without a cache
+        and the cache length with one.
         """
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
@@ -135,6 +138,11 @@ class Attention(nn.Module):
             if kv is not None:
                 raise ValueError("segment_ids cannot be combined with a KV cache")
             mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        if key_mask is not None:
+            if key_mask.shape != (batch, k_pos.shape[0]):
+                raise ValueError(f"key_mask has shape {key_mask.shape}: expected (batch, keys) = "
+                                 f"{(batch, k_pos.shape[0])}")
+            mask = mask & key_mask.astype(bool)[:, None, :]
 
         scale = jnp.full((batch,), hd ** -0.5, jnp.float32)
         if temperature is not None:
