@@ -1,0 +1,138 @@
+"""The Qwen2.5-VL text decoder: embedding, ``nn.scan``-stacked layers with multimodal RoPE, LM head.
+
+Layer (transformers' ``Qwen2_5_VLDecoderLayer``): h += o(Attn(RMSNorm(h))) with biased q/k/v,
+bias-free o, GQA, softmax(q·k / sqrt(head_dim)); h += down(silu(gate(x)) · up(x)) on RMSNorm(h).
+Multimodal RoPE: rotated pair j (of head_dim/2, 'half' pairing (j, j + hd/2)) takes its position
+from row ``section_rows[j]`` of the (3, B, T) position ids (temporal, height, width), where the
+pairs are split into consecutive chunks of ``mrope_section`` sizes and chunk i reads row i mod 3.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from starflow2_jax.nn import MLP, Attention, KVCache, RMSNorm, dense, param_with_axes, remat_layer
+from starflow2_jax.vlm.config import QwenTextConfig
+
+
+def inverse_frequencies(config: QwenTextConfig) -> np.ndarray:
+    """(head_dim/2,) float32 ``1 / theta^(2j / head_dim)``, computed in float32 as transformers does."""
+    hd = config.head_dim
+    exponent = np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)
+    return (np.float32(1.0) / np.power(np.float32(config.rope_theta), exponent)).astype(np.float32)
+
+
+def section_rows(mrope_section) -> np.ndarray:
+    """(sum(sections),) int: the position-id row (0 temporal, 1 height, 2 width) of each rotated pair."""
+    return np.repeat(np.arange(len(mrope_section)) % 3, mrope_section)
+
+
+def mrope_angles(config: QwenTextConfig, position_ids: jax.Array) -> jax.Array:
+    """Rotation angles (B, T, head_dim/2) float32 for position ids (3, B, T) (or (B, T): text only)."""
+    pos = jnp.asarray(position_ids)
+    if pos.ndim == 2:
+        pos = jnp.broadcast_to(pos[None], (3,) + pos.shape)
+    rows = section_rows(config.mrope_section)
+    picked = pos[rows].astype(jnp.float32)  # (hd/2, B, T): a gather, exact on every backend
+    return jnp.moveaxis(picked, 0, -1) * inverse_frequencies(config)
+
+
+class QwenDecoderLayer(nn.Module):
+    """One pre-norm decoder layer. Call: ``(h, kv, angles, index, key_mask) → (h, kv)``."""
+
+    config: QwenTextConfig
+
+    @nn.compact
+    def __call__(self, h, kv, angles, index, key_mask):
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        y = RMSNorm(epsilon=cfg.rms_norm_eps, offset=False, name="input_norm")(h)
+        y, kv = Attention(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                          use_bias=True, out_bias=False, rope_style="half", mask="causal", dtype=dtype,
+                          name="attn")(y, angles=angles, kv=kv, index=index, key_mask=key_mask)
+        h = h + y
+        y = RMSNorm(epsilon=cfg.rms_norm_eps, offset=False, name="mlp_norm")(h)
+        y = MLP(hidden=cfg.intermediate_size, kind="gated", gated_activation="silu", use_bias=False,
+                dtype=dtype, name="mlp")(y)
+        h = h + y
+        h = nn.with_logical_constraint(h, ("act_batch", "act_seq", "act_embed"))
+        return h, kv
+
+
+def layer_stack(config: QwenTextConfig) -> nn.Module:
+    """``config.num_layers`` decoder layers under ``nn.scan`` (params stacked on a leading 'layers'
+    axis), each wrapped in ``nn.remat`` with the config's policy."""
+    scanned = nn.scan(remat_layer(QwenDecoderLayer, config.remat), variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=config.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    return scanned(config, name="layers")
+
+
+class QwenTextModel(nn.Module):
+    """Decoder + LM head. Params: ``embed_tokens`` (vocab, embed), ``layers`` (stacked),
+    ``final_norm``, and ``lm_head`` (embed, vocab) unless the embeddings are tied."""
+
+    config: QwenTextConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = param_with_axes(self, "embed_tokens", nn.initializers.normal(0.02),
+                                            (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
+        self.layers = layer_stack(cfg)
+        self.final_norm = RMSNorm(epsilon=cfg.rms_norm_eps, offset=False)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = dense(cfg.vocab_size, ("embed",), ("vocab",), fan_in=cfg.hidden_size, use_bias=False,
+                                 dtype=jnp.dtype(cfg.dtype))
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings (B, T, D) in the compute dtype."""
+        return jnp.take(self.embed_tokens, input_ids, axis=0).astype(jnp.dtype(self.config.dtype))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """LM-head logits (B, T, vocab) float32 from final (normed) hidden states (B, T, D)."""
+        if self.config.tie_word_embeddings:
+            table = self.embed_tokens.astype(hidden.dtype)
+            return jnp.einsum("btd,vd->btv", hidden, table, preferred_element_type=jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    def __call__(self, input_ids=None, *, inputs_embeds=None, position_ids=None, attention_mask=None,
+                 cache: KVCache | None = None, return_hidden: bool = False):
+        """Logits (B, T, vocab) float32 for token ids (B, T) or embeddings (B, T, D) (exactly one).
+
+        position_ids: (3, B, T) multimodal positions (or (B, T) text positions); default
+        ``index + arange(T)`` on every row (``index`` = the cache's write index, else 0).
+        attention_mask: (B, K) 1 for tokens, 0 for padding keys; K = T without a cache and the
+        cache length with one (then it covers every slot, past and new).
+        cache: a ``KVCache`` stacked over layers (num_layers, B, S, Hkv, hd); the T new tokens are
+        written at ``cache.index``.
+        Returns ``logits``, ``(logits, cache)`` with a cache, and the final hidden states (B, T, D)
+        appended when ``return_hidden``.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(jnp.dtype(self.config.dtype))
+        batch, length = h.shape[:2]
+        index = None if cache is None else cache.index
+        if position_ids is None:
+            start = 0 if index is None else index
+            position_ids = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (3, batch, length))
+        angles = mrope_angles(self.config, position_ids)
+        key_mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        h = nn.with_logical_constraint(h, ("act_batch", "act_seq", "act_embed"))
+        kv = None if cache is None else (cache.k, cache.v)
+        h, kv = self.layers(h, kv, angles, index, key_mask)
+        h = self.final_norm(h)
+        logits = self.logits(h)
+        out = (logits,) if cache is None else (logits, KVCache(k=kv[0], v=kv[1], index=cache.index + length))
+        if return_hidden:
+            out = out + (h,)
+        return out[0] if len(out) == 1 else out
+
+
+def create_cache(config: QwenTextConfig, batch: int, length: int, dtype=None) -> KVCache:
+    """An empty stacked KV cache of ``length`` slots for every layer, in the compute dtype by default."""
+    return KVCache.create(batch, length, config.num_kv_heads, config.head_dim, num_layers=config.num_layers,
+                          dtype=jnp.dtype(dtype or config.dtype))
