@@ -1,0 +1,193 @@
+"""Checkpoints: an Orbax ``CheckpointManager`` over ``<workdir>/checkpoints/<step>/``.
+
+Items per step: ``state`` (the ``TrainState``), ``extra`` (non-trainable variables), ``data_iter``
+(every process's grain iterator state, one file each) and ``config`` (JSON). Restores take abstract
+targets carrying the *current* mesh's shardings, so a checkpoint restores onto any mesh.
+
+Retention: the ``keep_last`` newest steps, plus every step that is a multiple of ``keep_every``
+(Orbax ``LatestN`` ∪ ``EveryNSteps``; a step kept by either survives).
+
+Completeness: Orbax writes a step into ``<step>.orbax-checkpoint-tmp*`` and renames it when done
+(on object stores it instead writes ``commit_success.txt`` last). A process killed mid-save leaves
+a tmp directory, or — where renames are not atomic — a ``<step>`` directory without the commit
+marker (``commit_success.txt`` and ``_CHECKPOINT_METADATA``), which Orbax 0.12.8 on a local disk
+would list as a valid step. ``Checkpointer`` logs a warning naming every such directory when it
+opens the directory; tmp directories are then deleted, marker-less step directories renamed to
+``<step>.incomplete`` (kept for inspection), so that the latest *complete* step is used.
+
+A save is refused (``False`` returned, error logged) when the state is not finite: one device scalar
+is checked before every save.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as policies
+
+from starflow2_jax.train.state import TrainState, state_is_finite
+
+CHECKPOINT_SUBDIR = "checkpoints"
+TMP_MARKER = ".orbax-checkpoint-tmp"
+COMMIT_FILES = ("commit_success.txt", "_CHECKPOINT_METADATA")
+
+
+def find_incomplete(directory: os.PathLike | str) -> list[epath.Path]:
+    """Step directories under ``directory`` that an interrupted save left behind (see module doc)."""
+    directory = epath.Path(directory)
+    if not directory.exists():
+        return []
+    found = []
+    for entry in sorted(directory.iterdir(), key=lambda p: p.name):
+        if not entry.is_dir():
+            continue
+        if TMP_MARKER in entry.name:
+            found.append(entry)
+        elif re.fullmatch(r"\d+", entry.name) and not all((entry / f).exists() for f in COMMIT_FILES):
+            found.append(entry)
+    return found
+
+
+def complete_steps(directory: os.PathLike | str) -> list[int]:
+    """Sorted steps of the complete checkpoints directly under ``directory``."""
+    directory = epath.Path(directory)
+    if not directory.exists():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir()
+                  if p.is_dir() and re.fullmatch(r"\d+", p.name) and all((p / f).exists() for f in COMMIT_FILES))
+
+
+def _set_aside_incomplete(directory: epath.Path) -> None:
+    """Warns about every incomplete step directory; deletes tmp dirs, renames marker-less ``<step>`` dirs
+    aside (process 0 only; the others wait)."""
+    incomplete = find_incomplete(directory)
+    if not incomplete:
+        return
+    latest = complete_steps(directory)
+    resume = f"step {latest[-1]}" if latest else "no complete step (nothing to resume)"
+    for path in incomplete:
+        logging.warning("ignoring incomplete checkpoint directory %s (interrupted save: no commit marker); "
+                        "the latest complete checkpoint is %s", os.fspath(path), resume)
+    if jax.process_index() == 0:
+        for path in incomplete:
+            if TMP_MARKER in path.name:  # a partial write that never got renamed: nothing to keep
+                path.rmtree()
+                logging.warning("deleted incomplete checkpoint directory %s", os.fspath(path))
+                continue
+            target = path.parent / f"{path.name}.incomplete"
+            suffix = 1
+            while target.exists():
+                target = path.parent / f"{path.name}.incomplete{suffix}"
+                suffix += 1
+            path.rename(target)
+            logging.warning("moved incomplete checkpoint directory %s to %s", os.fspath(path), os.fspath(target))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("starflow2_jax.checkpoint.set_aside_incomplete")
+
+
+class Checkpointer:
+    """Saves and restores ``(TrainState, extra_vars, data iterator, config)`` under ``directory``.
+
+    Args:
+      directory: the checkpoint root (``<workdir>/checkpoints``); created if missing.
+      keep_last: keep the N newest steps; keep_every: also keep multiples of K (0: off).
+      async_save: write in a background thread (``wait()`` before reading or exiting).
+    """
+
+    def __init__(self, directory: os.PathLike | str, *, keep_last: int = 3, keep_every: int = 0,
+                 async_save: bool = True):
+        if keep_last < 1:
+            raise ValueError(f"keep_last={keep_last}: expected >= 1")
+        self.directory = epath.Path(directory)
+        _set_aside_incomplete(self.directory)
+        keep = [policies.LatestN(n=int(keep_last))]
+        if keep_every:
+            keep.append(policies.EveryNSteps(interval_steps=int(keep_every)))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policies.AnyPreservationPolicy(keep), enable_async_checkpointing=async_save,
+            create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest complete step, or None."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: TrainState, extra_vars: Any, data_iter: grain.DatasetIterator | None,
+             config_json: dict, *, wait: bool = False) -> bool:
+        """Saves ``step`` (async unless ``wait``); returns False without writing anything when the
+        state is non-finite (logged as an error) or the step already exists."""
+        if not bool(jax.device_get(state_is_finite(state))):
+            logging.error("refusing to write checkpoint step %d: the train state is not finite", step)
+            return False
+        if step in self.manager.all_steps():
+            return False
+        items = dict(state=ocp.args.StandardSave(state), extra=ocp.args.StandardSave(extra_vars),
+                     config=ocp.args.JsonSave(config_json))
+        if data_iter is not None:
+            items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        if wait:
+            self.manager.wait_until_finished()
+        return True
+
+    def restore(self, step: int, abstract_state, abstract_extra, data_iter: grain.DatasetIterator | None):
+        """``(state, extra_vars)`` of ``step`` laid out as the abstract targets' shardings; restores
+        ``data_iter`` in place (when given)."""
+        items = dict(state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.StandardRestore(abstract_extra))
+        if data_iter is not None:
+            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored.state, restored.extra
+
+    def read_config(self, step: int | None = None) -> dict:
+        """The JSON config stored with ``step`` (default: the latest)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {os.fspath(self.directory)}")
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+    def wait(self) -> None:
+        """Blocks until every pending async save is committed."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def resolve_step_dir(path: os.PathLike | str) -> epath.Path:
+    """The step directory an ``init_from`` path names: a step dir (has ``state/``), a checkpoint root
+    (its latest complete step) or a workdir (``checkpoints/`` inside). Raises FileNotFoundError."""
+    path = epath.Path(path)
+    if (path / "state").exists():
+        return path
+    for root in (path / CHECKPOINT_SUBDIR, path):
+        steps = complete_steps(root)
+        if steps:
+            return root / str(steps[-1])
+    raise FileNotFoundError(f"train.init_from={os.fspath(path)!r}: no complete Orbax checkpoint there "
+                            f"(expected a workdir, its {CHECKPOINT_SUBDIR}/ directory, or a step directory)")
+
+
+def load_params(path: os.PathLike | str, abstract_params, abstract_extra) -> tuple[Any, Any]:
+    """``(params, extra_vars)`` from the checkpoint at ``path`` (see ``resolve_step_dir``) only — no
+    optimiser state — laid out as the abstract targets' shardings."""
+    step_dir = resolve_step_dir(path)
+    target = {"params": abstract_params}
+    restored = ocp.PyTreeCheckpointer().restore(
+        step_dir / "state", args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    extra = ocp.StandardCheckpointer().restore(step_dir / "extra", abstract_extra)
+    logging.info("initialised params from %s", os.fspath(step_dir))
+    return restored["params"], extra

@@ -1,0 +1,57 @@
+"""The training data a config names, built with ``starflow2_jax.data`` (imported lazily).
+
+``data.builder='digits'``: the embedded scikit-learn digits (TFDS files written on first use into
+``data.data_dir``, default ``<workdir>/tfds``); ``'directory'``: any prepared TFDS dataset directory
+(``tfds.builder_from_directory(data.data_dir)``). Either way a grain pipeline shards it by JAX
+process, shuffles with ``seed``, preprocesses (scale, noise, label/caption dropout) and batches.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import grain
+
+
+def data_dir(config, workdir: os.PathLike | str) -> str:
+    """Where the TFDS files of ``config.data`` live."""
+    return config.data.data_dir or os.path.join(os.fspath(workdir), "tfds")
+
+
+def make_source(config, split: str, workdir: os.PathLike | str):
+    """The random-access TFDS data source of ``split`` for ``config.data.builder``."""
+    builder = config.data.builder
+    if builder == "digits":
+        from starflow2_jax.data.digits import build_digits
+        return build_digits(data_dir(config, workdir)).as_data_source(split)
+    if builder == "directory":
+        import tensorflow_datasets as tfds
+        return tfds.builder_from_directory(config.data.data_dir).as_data_source(split)
+    raise ValueError(f"data.builder={builder!r}: expected 'digits' or 'directory'")
+
+
+def make_train_data(config, workdir: os.PathLike | str) -> grain.IterDataset:
+    """This process's endless, shuffled stream of training batches (per-process batch size)."""
+    from starflow2_jax.data.pipeline import make_pipeline
+    from starflow2_jax.data.preprocess import ImagePreprocess
+
+    d = config.data
+    preprocess = ImagePreprocess(levels=int(d.levels), noise=d.noise, noise_std=float(d.noise_std),
+                                 label_dropout=float(d.label_drop), caption_dropout=float(d.caption_drop))
+    return make_pipeline(make_source(config, d.split, workdir), batch_size=int(d.batch_size), seed=int(config.seed),
+                         shuffle=True, preprocess=preprocess, num_epochs=None, drop_remainder=True,
+                         worker_count=int(d.worker_count))
+
+
+def default_captions(config) -> tuple[Sequence[str], Sequence[str]]:
+    """``(vocabulary texts, grid prompts)`` for a config whose ``model.text.vocab`` /
+    ``sample.prompts`` are empty: the digits' caption templates for every digit, and the first
+    template per digit. Other builders have no defaults (``validate`` asks for the vocab)."""
+    if config.data.builder != "digits":
+        return tuple(config.model.text.vocab), tuple(config.sample.prompts)
+    from starflow2_jax.data.digits import NUM_CLASSES, digit_captions
+
+    vocab = tuple(config.model.text.vocab) or tuple(c for d in range(NUM_CLASSES) for c in digit_captions(d))
+    prompts = tuple(config.sample.prompts) or tuple(digit_captions(d)[0] for d in range(NUM_CLASSES))
+    return vocab, prompts

@@ -1,0 +1,265 @@
+"""The training loop: ``train(config, workdir)`` — mesh, task, optimiser, sharded state, data,
+checkpoints, metrics, sample grids, preemption and non-finite handling.
+
+Workdir layout::
+
+    checkpoints/<step>/{state,extra,data_iter,config}   Orbax (see train.checkpoint)
+    config.json                                        the resolved config of the latest start
+    metrics.jsonl                                      one JSON line per log_every steps
+    samples/step_XXXXXX.png                            grids (EMA params when optim.ema_decay > 0), one
+                                                       panel per sample.guidance value, same noise each time
+    tensorboard/                                       only when TensorFlow is installed
+
+Resume order: this workdir's latest complete checkpoint → ``train.init_from`` (params only) → scratch.
+SIGTERM: the handler only sets a flag; the loop then saves the current step (blocking) and returns
+normally (a CLI built on it exits 0). Non-finite steps are rejected by the step function; after
+``train.max_nonfinite_steps`` of them in a row the loop raises ``NonFiniteLossError`` without saving,
+and periodic saves are skipped while the latest step is non-finite. The non-finite streak is read
+one step late (after the next step is dispatched) so the host never stalls the device pipeline.
+
+Console output goes through ``absl.logging`` at INFO (metrics, progress/ETA, the parameter table).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+from typing import Any, NamedTuple
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from starflow2_jax import parallel
+from starflow2_jax.train import checkpoint as ckpt_lib
+from starflow2_jax.train import images as image_lib
+from starflow2_jax.train import inputs
+from starflow2_jax.train import metrics as metrics_lib
+from starflow2_jax.train.config_schema import to_json_dict, validate
+from starflow2_jax.train.optim import make_optimizer
+from starflow2_jax.train.state import TrainState
+from starflow2_jax.train.step import create_state, make_train_step, state_shardings
+from starflow2_jax.train.task import Task
+from starflow2_jax.train.tasks import FlowTask
+
+LAST_VALUE_METRICS = ("lr", "skipped_steps", "nonfinite_streak", "update_ok")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped: the loss (or update) was non-finite for too many steps in a row."""
+
+
+class TrainResult(NamedTuple):
+    """state/extra_vars: the final train state; step: its step; metrics: the last logged metrics
+    (host floats); interrupted: True when SIGTERM stopped the run early."""
+
+    state: TrainState
+    extra_vars: Any
+    step: int
+    metrics: dict
+    interrupted: bool
+
+
+class _SignalFlag:
+    """Installs a SIGTERM handler that only records the signal (restored on exit)."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        else:
+            logging.warning("train() is not running in the main thread: no SIGTERM handler (no save on preemption)")
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        logging.warning("received signal %d: saving a checkpoint at the current step, then stopping", signum)
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A validated copy of ``config`` with data-dependent defaults filled in (caption vocabulary and
+    grid prompts for the digits), so the stored config fully determines the model."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    validate(config)
+    if config.model.conditioning == "caption":
+        vocab, prompts = inputs.default_captions(config)
+        config.model.text.vocab = tuple(vocab)
+        config.sample.prompts = tuple(prompts)
+    return config
+
+
+def _initial_state(config, task, optimizer, shardings, checkpointer, data_iter, ema: bool):
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state, extra = checkpointer.restore(latest, shardings.abstract_state, shardings.abstract_extra, data_iter)
+        logging.info("resumed from %s at step %d", os.fspath(checkpointer.directory), latest)
+        return state, extra
+    state, extra = create_state(task, optimizer, shardings, jax.random.key(int(config.seed)), ema=ema)
+    if config.train.init_from:
+        params, extra = ckpt_lib.load_params(config.train.init_from, shardings.abstract_state.params,
+                                             shardings.abstract_extra)
+        state = state.replace(params=params,
+                              ema_params=jax.tree.map(lambda p: p.copy(), params) if ema else None)
+        logging.info("starting from the params of %s", config.train.init_from)
+    return state, extra
+
+
+def _log_parameters(params) -> None:
+    from clu import parameter_overview  # TF-free
+
+    table = parameter_overview.get_parameter_overview(params, include_stats=False)
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    logging.info("trainable parameters (%d):\n%s", total, table)
+
+
+def _write_samples(task: Task, state: TrainState, extra, config, workdir: str, writer, step: int) -> str | None:
+    params = state.ema_params if state.ema_params is not None else state.params
+    rng = jax.random.key(int(config.seed) + 1)  # the same noise every time: grids are comparable over steps
+    panels, named = [], {}
+    for g in config.sample.guidance:
+        grid = task.sample_grid(params, extra, rng, guidance=float(g))
+        pixels = image_lib.to_uint8(multihost_utils.process_allgather(grid.images, tiled=True))
+        panel = image_lib.tile(pixels)
+        panels.append(panel)
+        named[f"samples/guidance_{g:g}"] = panel[None]
+    writer.write_images(step, named)
+    if jax.process_index() != 0:
+        return None
+    path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
+    return image_lib.save_png(path, image_lib.side_by_side(panels), scale=4)
+
+
+def _mean_metrics(history: list[dict]) -> dict:
+    host = jax.device_get(history)
+    out = {}
+    for name in host[-1]:
+        values = np.asarray([h[name] for h in host], np.float64)
+        out[name] = float(values[-1] if name in LAST_VALUE_METRICS else values.mean())
+    return out
+
+
+def train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, task: Task | None = None,
+          data: grain.IterDataset | None = None, stop_after: int | None = None) -> TrainResult:
+    """Trains (or resumes) the model ``config`` describes in ``workdir``; returns a ``TrainResult``.
+
+    Args:
+      config: a training config (see ``train.config_schema``); validated here.
+      workdir: checkpoints, metrics and samples go here (see the module docstring).
+      task: the ``Task`` to train (default ``FlowTask.from_config(config)``).
+      data: this process's stream of batches (default: built from ``config.data``); its iterator
+        state is checkpointed, so it must be a grain ``IterDataset``.
+      stop_after: stop (with a checkpoint) once this step is reached, though the LR schedule still
+        spans ``train.steps`` — for jobs that train in slices.
+    Raises:
+      NonFiniteLossError: ``train.max_nonfinite_steps`` non-finite steps in a row (nothing saved for them).
+    """
+    config = resolve_config(config)
+    workdir = os.fspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    tc = config.train
+    total = int(tc.steps) if stop_after is None else min(int(tc.steps), int(stop_after))
+    mesh = parallel.make_mesh(dict(config.mesh))
+    task = task if task is not None else FlowTask.from_config(config)
+    optimizer, _ = make_optimizer(config.optim, int(tc.steps))
+    ema = float(config.optim.ema_decay) > 0
+    shardings = state_shardings(task, optimizer, mesh, ema=ema)
+    data = data if data is not None else inputs.make_train_data(config, workdir)
+    data_iter = iter(data)
+    config_json = to_json_dict(config)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json.tmp"), "w", encoding="utf-8") as f:
+            json.dump(config_json, f, indent=2)
+        os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
+
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, ckpt_lib.CHECKPOINT_SUBDIR), keep_last=int(tc.keep_last),
+                                         keep_every=int(tc.keep_every), async_save=bool(tc.async_checkpoint))
+    writer = metrics_lib.create_writer(workdir)
+    with contextlib.ExitStack() as stack:
+        stack.callback(writer.close)
+        stack.callback(checkpointer.close)
+        flag = stack.enter_context(_SignalFlag())  # early: a SIGTERM during compile still ends in a save
+        state, extra = _initial_state(config, task, optimizer, shardings, checkpointer, data_iter, ema)
+        step = int(jax.device_get(state.step))
+        if jax.process_index() == 0:
+            _log_parameters(state.params)
+        train_step = make_train_step(task, optimizer, mesh, shardings, config)
+        progress = metrics_lib.Progress(total, step)
+        history: list[dict] = []
+        last_metrics: dict = {}
+
+        def save(wait: bool = False) -> bool:
+            return checkpointer.save(step, state, extra, data_iter, config_json, wait=wait)
+
+        def check(at_step: int, step_metrics: dict) -> int:
+            """The non-finite streak after ``at_step``; raises once it reaches the limit."""
+            streak = int(jax.device_get(step_metrics["nonfinite_streak"]))
+            if streak:
+                logging.warning("step %d: non-finite loss or update, update skipped (%d in a row, %d in total)",
+                                at_step, streak, int(jax.device_get(step_metrics["skipped_steps"])))
+            if streak >= int(tc.max_nonfinite_steps):
+                checkpointer.wait()
+                raise NonFiniteLossError(
+                    f"the loss was non-finite for {streak} steps in a row (train.max_nonfinite_steps="
+                    f"{tc.max_nonfinite_steps}), up to step {at_step}; no checkpoint was written for these "
+                    f"steps. Latest checkpoint: step {checkpointer.latest_step()} in {workdir}")
+            return streak
+
+        pending = None  # the previous step's metrics, checked after the next step is dispatched
+        while step < total and not flag.received:
+            batch = parallel.shard_batch(task.prepare_batch(next(data_iter)), mesh)
+            state, step_metrics = train_step(state, extra, batch)
+            step += 1
+            history.append(step_metrics)
+            if pending is not None:
+                check(*pending)  # one step late: keeps a step in flight while the host waits
+            pending = (step, step_metrics)
+            log_now = step % int(tc.log_every) == 0 or step == total
+            sample_now = bool(tc.sample_every) and step % int(tc.sample_every) == 0
+            save_now = bool(tc.checkpoint_every) and step % int(tc.checkpoint_every) == 0 and step < total
+            if not (log_now or sample_now or save_now):
+                continue
+            streak = check(*pending)
+            pending = None
+            if log_now:
+                last_metrics = _mean_metrics(history)
+                history = []
+                last_metrics.update(progress.update(step))
+                writer.write_scalars(step, last_metrics)
+                logging.info("step %d/%d, %.2f steps/s, ETA %s", step, total, last_metrics["steps_per_sec"],
+                             metrics_lib.format_eta(last_metrics["eta_seconds"]))
+            if sample_now:
+                _write_samples(task, state, extra, config, workdir, writer, step)
+            if save_now:
+                if streak:
+                    logging.warning("step %d: skipping the checkpoint, the latest step was non-finite", step)
+                else:
+                    save()
+        streak = check(*pending) if pending is not None else int(jax.device_get(state.nonfinite_streak))
+        if history:
+            last_metrics = _mean_metrics(history)
+        if flag.received:
+            checkpointer.wait()
+            saved = save(wait=True)
+            logging.warning("stopped by SIGTERM at step %d (%s)", step,
+                            "checkpoint written" if saved or step in checkpointer.all_steps() else "NO checkpoint")
+        elif streak:
+            logging.warning("step %d: no final checkpoint, the latest step was non-finite", step)
+        elif step > 0:
+            save(wait=True)
+        writer.flush()
+        return TrainResult(state=state, extra_vars=extra, step=step, metrics=last_metrics,
+                           interrupted=flag.received)
