@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-BENCHMARKS = ("flow",)
+BENCHMARKS = ("flow", "train", "vlm")
 
 
 def main(argv=None) -> int:

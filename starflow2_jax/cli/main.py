@@ -7,6 +7,8 @@ Every subcommand lives in its own module under `starflow2_jax.cli` and is listed
     HELP: str                                    one line shown by `starflow2 --help`
     add_arguments(parser: ArgumentParser) -> None
     run(args: argparse.Namespace) -> int         the exit status
+    EXTRA_ARGS: bool = False                     optional: True passes arguments argparse does not
+                                                 know (`--config.a.b=v` overrides) as `args.extra`
 
 Module top levels must stay cheap (no JAX import) so that `--help` is instant; import heavy
 dependencies inside `run`.
@@ -25,6 +27,10 @@ import starflow2_jax
 # To add a subcommand: write starflow2_jax/cli/<name>.py and add its module path here.
 SUBCOMMANDS: tuple[str, ...] = (
     "starflow2_jax.cli.version",
+    "starflow2_jax.cli.convert",
+    "starflow2_jax.cli.train",
+    "starflow2_jax.cli.sample",
+    "starflow2_jax.cli.eval",
 )
 
 _INTERFACE = ("NAME", "HELP", "add_arguments", "run")
@@ -52,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         module = _load(module_path)
         sub = subparsers.add_parser(module.NAME, help=module.HELP, description=module.HELP)
         module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
+        sub.set_defaults(run=module.run, extra_ok=getattr(module, "EXTRA_ARGS", False))
     return parser
 
 
@@ -60,12 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parses `argv` (default `sys.argv[1:]`), runs the chosen subcommand, returns its exit status."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "extra_ok", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exit_:  # argparse exits on --help (0) and on usage errors (2)
         return exit_.code if isinstance(exit_.code, int) else 2
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    args.extra = extra
     return int(args.run(args))
 
 

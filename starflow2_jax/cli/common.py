@@ -1,0 +1,52 @@
+"""Helpers shared by the subcommands: console logging and error reporting."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+# INFO lines from these libraries (Orbax's per-save chatter, grain, TFDS, etils) are dropped; their
+# warnings and errors still show. --verbose keeps everything.
+QUIET_LIBRARIES = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/etils/", "/jax/")
+
+
+class _QuietLibraries(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        path = record.pathname.replace("\\", "/")
+        return not any(part in path for part in QUIET_LIBRARIES)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """absl logging at INFO to stderr (the trainer's metrics, progress and parameter table), without
+    the INFO lines of ``QUIET_LIBRARIES`` unless ``verbose``; TFDS progress bars off."""
+    from absl import flags
+    from absl import logging as absl_logging
+
+    if not flags.FLAGS.is_parsed():  # no absl.app here; also lets grain's worker processes read flags
+        flags.FLAGS.mark_as_parsed()
+    absl_logging.use_absl_handler()
+    absl_logging.set_verbosity(absl_logging.INFO)
+    handler = absl_logging.get_absl_handler().python_handler  # sees absl's and Python loggers' records
+    for existing in [f for f in handler.filters if isinstance(f, _QuietLibraries)]:
+        handler.removeFilter(existing)
+    if not verbose:
+        handler.addFilter(_QuietLibraries())
+    try:
+        import tensorflow_datasets as tfds
+
+        tfds.disable_progress_bar()
+    except ImportError:  # pragma: no cover - a declared dependency
+        pass
+
+
+def fail(command: str, message: object, status: int = 2) -> int:
+    """Prints ``starflow2 COMMAND: error: MESSAGE`` to stderr and returns ``status``."""
+    print(f"starflow2 {command}: error: {message}", file=sys.stderr, flush=True)
+    return status
+
+
+def note(message: str) -> None:
+    """A line for the user on stderr (stdout is kept for the JSON result)."""
+    print(message, file=sys.stderr, flush=True)
