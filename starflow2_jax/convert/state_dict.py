@@ -19,11 +19,6 @@ SUPPORTED_SUFFIXES = (".npz", ".safetensors", ".pt", ".pth")
 FIXTURE_PREFIX = "sd/"  # our reference fixtures store the state dict next to other arrays as sd/<name>
 _ORDER_METADATA = "starflow2_jax.key_order"  # safetensors sorts its header; the order travels here
 
-# safetensors dtype tags; BF16 is widened to float32 by hand (numpy has no bfloat16).
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
 
 
 def load_state_dict(source, prefix: str | None = None) -> dict[str, np.ndarray]:
@@ -124,31 +119,16 @@ def _read_torch(path: Path) -> dict:
 
 
 def _read_safetensors(path: Path) -> list[tuple[str, np.ndarray]]:
-    """Parses the (simple) safetensors format directly: u64 header size, JSON header, raw data.
-
-    Done by hand to keep the writer's key order (the header order, or our metadata entry) and to
-    widen bfloat16 without torch.
-    """
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-    meta = header.pop("__metadata__", None) or {}
-    names = list(header)
-    if not names:
-        return []
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
-    if _ORDER_METADATA in meta and sorted(json.loads(meta[_ORDER_METADATA])) == sorted(names):
-        names = json.loads(meta[_ORDER_METADATA])
+    """Reads every tensor of a safetensors file in the writer's key order (the header order, or our
+    metadata entry); bfloat16 is widened to float32 (exact), other dtypes are kept."""
+    from starflow2_jax.convert.safetensors_file import SafetensorsFile
+    file = SafetensorsFile(path)
+    names = file.names
+    order = file.metadata.get(_ORDER_METADATA)
+    if order and sorted(json.loads(order)) == sorted(names):
+        names = json.loads(order)
     items = []
     for name in names:
-        info = header[name]
-        start, end = info["data_offsets"]
-        raw = np.array(data[start:end])  # copy out of the memmap
-        if info["dtype"] == "BF16":
-            array = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-        elif info["dtype"] in _SAFETENSORS_DTYPES:
-            array = raw.view(_SAFETENSORS_DTYPES[info["dtype"]])
-        else:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        items.append((name, array.reshape(info["shape"])))
+        array = file.read(name)
+        items.append((name, array.astype(np.float32) if file.dtype(name) == "BF16" else array))
     return items

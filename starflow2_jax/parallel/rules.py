@@ -51,6 +51,10 @@ DEFAULT_RULES: Rules = (
 FLOW_RULES: Rules = DEFAULT_RULES
 
 
+# Qwen2.5-VL (starflow2_jax.vlm): the default layout; the vision tower's patch embedding reads its
+# input features under the name ``patch`` (C·tp·p·p = 1176 for Qwen), kept replicated.
+VLM_RULES: Rules = DEFAULT_RULES + (("patch", None),)
+
 def axes_size(mesh: Mesh, axes: str | Sequence[str] | None) -> int:
     """Number of devices a spec entry (axis name, tuple of names, or None) splits a dimension into."""
     if axes is None:

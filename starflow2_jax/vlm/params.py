@@ -54,6 +54,22 @@ def layer_param_from_torch(name: str, weight: np.ndarray, config: QwenTextConfig
     raise KeyError(f"unexpected text layer parameter {name!r}")
 
 
+def layer_param_to_torch(name: str, value: np.ndarray, config: QwenTextConfig) -> np.ndarray:
+    """Inverse of ``layer_param_from_torch``: one layer's tensor in our layout → torch layout (dtype kept)."""
+    d = config.hidden_size
+    if name in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"):
+        return value.reshape(d, -1).T
+    if name in ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"):
+        return value.reshape(-1)
+    if name == "self_attn.o_proj.weight":
+        return value.reshape(-1, d).T
+    if name in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"):
+        return value.T
+    if name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+        return value
+    raise KeyError(f"unexpected text layer parameter {name!r}")
+
+
 # (torch key suffix inside layer N) → path in our stacked 'layers' tree
 LAYER_KEYS = {
     "input_layernorm.weight": ("input_norm", "scale"),

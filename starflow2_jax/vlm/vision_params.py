@@ -17,6 +17,7 @@ Keys are relative to a prefix: ``visual.`` in checkpoints (hub layout), ``model.
 
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 import numpy as np
@@ -98,62 +99,96 @@ def vision_params_from_torch(state_dict: Mapping, config: QwenVisionConfig, pref
     return _params_from(sd, config)
 
 
-def _params_from(sd: Mapping[str, np.ndarray], config: QwenVisionConfig) -> dict:
+_BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
+
+
+def vision_tensor_from_torch(name: str, value: np.ndarray,
+                             config: QwenVisionConfig) -> list[tuple[str, int | None, np.ndarray]]:
+    """One tower tensor (torch layout, key ``name`` without prefix, e.g. 'blocks.3.attn.qkv.weight') in ours.
+
+    Returns ``[(path, layer, value)]``: our path ('layers/attn/query/kernel'), the layer index of a
+    stacked parameter (None otherwise) and the value in our layout (any dtype is kept); the fused qkv
+    tensors give three entries. Raises KeyError for a name the tower does not have.
+    """
     d, h, hd = config.hidden_size, config.num_heads, config.head_dim
-    layers: dict[str, list] = {}
+    if name == "patch_embed.proj.weight":
+        return [("patch_embed/kernel", None, value.reshape(d, -1).T)]
+    if name in _MERGER:
+        return [(_MERGER[name], None, value)]
+    if name in ("merger.mlp.0.weight", "merger.mlp.2.weight"):
+        return [("merger/mlp_in/kernel" if ".0." in name else "merger/mlp_out/kernel", None, value.T)]
+    match = _BLOCK.fullmatch(name)
+    if match is None:
+        raise KeyError(f"unexpected vision tower parameter {name!r}")
+    n, suffix = int(match.group(1)), match.group(2)
+    if suffix in _LAYER_VECTORS:
+        return [("layers/" + _LAYER_VECTORS[suffix], n, value)]
+    # qkv rows: [q | k | v], each head-major (row h·hd + j) — transformers reshapes to (3, H, hd).
+    if suffix == "attn.qkv.weight":
+        return [(f"layers/attn/{part}/kernel", n, w.T.reshape(d, h, hd))
+                for part, w in zip(("query", "key", "value"), np.split(value, 3))]
+    if suffix == "attn.qkv.bias":
+        return [(f"layers/attn/{part}/bias", n, b.reshape(h, hd))
+                for part, b in zip(("query", "key", "value"), np.split(value, 3))]
+    if suffix == "attn.proj.weight":
+        return [("layers/attn/out/kernel", n, value.T.reshape(h, hd, d))]
+    linear, _, kind = suffix.rpartition(".")
+    if linear in _LAYER_LINEARS and kind in ("weight", "bias"):
+        return [(f"layers/{_LAYER_LINEARS[linear]}/{'kernel' if kind == 'weight' else 'bias'}", n,
+                 value.T if kind == "weight" else value)]
+    raise KeyError(f"unexpected vision tower parameter {name!r}")
 
-    def put(path: str, value: np.ndarray):
-        layers.setdefault(path, []).append(value)
 
-    for n in range(config.depth):
-        b = f"blocks.{n}."
-        for suffix, path in _LAYER_VECTORS.items():
-            put(path, sd[b + suffix])
-        # qkv rows: [q | k | v], each head-major (row h·hd + j) — transformers reshapes to (3, H, hd).
-        for part, w, bias in zip(("query", "key", "value"), np.split(sd[b + "attn.qkv.weight"], 3),
-                                 np.split(sd[b + "attn.qkv.bias"], 3)):
-            put(f"attn/{part}/kernel", w.T.reshape(d, h, hd))
-            put(f"attn/{part}/bias", bias.reshape(h, hd))
-        put("attn/out/kernel", sd[b + "attn.proj.weight"].T.reshape(h, hd, d))
-        for torch_name, path in _LAYER_LINEARS.items():
-            put(path + "/kernel", sd[f"{b}{torch_name}.weight"].T)
-            put(path + "/bias", sd[f"{b}{torch_name}.bias"])
-    tree: dict = {"patch_embed": {"kernel": sd["patch_embed.proj.weight"].reshape(d, -1).T.copy()}}
-    for path, values in layers.items():
-        _set(tree, "layers/" + path, np.stack(values))
-    for torch_name, path in _MERGER.items():
-        _set(tree, path, sd[torch_name])
-    _set(tree, "merger/mlp_in/kernel", sd["merger.mlp.0.weight"].T.copy())
-    _set(tree, "merger/mlp_out/kernel", sd["merger.mlp.2.weight"].T.copy())
+def vision_tensor_to_torch(name: str, params, config: QwenVisionConfig) -> np.ndarray:
+    """The torch tensor ``name`` (key without prefix) from our params tree, in the params' dtype;
+    inverse of ``vision_tensor_from_torch``. Raises KeyError for a name the tower does not have."""
+    d, c, tp, p = config.hidden_size, config.in_channels, config.temporal_patch_size, config.patch_size
+    get = lambda path: np.asarray(_get(params, path))  # noqa: E731
+    if name == "patch_embed.proj.weight":
+        return get("patch_embed/kernel").T.reshape(d, c, tp, p, p)
+    if name in _MERGER:
+        return get(_MERGER[name])
+    if name in ("merger.mlp.0.weight", "merger.mlp.2.weight"):
+        return get("merger/mlp_in/kernel" if ".0." in name else "merger/mlp_out/kernel").T
+    match = _BLOCK.fullmatch(name)
+    if match is None:
+        raise KeyError(f"unexpected vision tower parameter {name!r}")
+    n, suffix = int(match.group(1)), match.group(2)
+    layer = lambda path: np.asarray(_get(params, "layers/" + path)[n])  # noqa: E731  (one layer's slice only)
+    if suffix in _LAYER_VECTORS:
+        return layer(_LAYER_VECTORS[suffix])
+    if suffix == "attn.qkv.weight":
+        return np.concatenate([layer(f"attn/{x}/kernel").reshape(d, -1).T for x in ("query", "key", "value")])
+    if suffix == "attn.qkv.bias":
+        return np.concatenate([layer(f"attn/{x}/bias").reshape(-1) for x in ("query", "key", "value")])
+    if suffix == "attn.proj.weight":
+        return layer("attn/out/kernel").reshape(-1, d).T
+    linear, _, kind = suffix.rpartition(".")
+    if linear in _LAYER_LINEARS and kind in ("weight", "bias"):
+        value = layer(f"{_LAYER_LINEARS[linear]}/{'kernel' if kind == 'weight' else 'bias'}")
+        return value.T if kind == "weight" else value
+    raise KeyError(f"unexpected vision tower parameter {name!r}")
+
+
+def _params_from(sd: Mapping[str, np.ndarray], config: QwenVisionConfig) -> dict:
+    stacked: dict[str, list] = {}
+    tree: dict = {}
+    for name in torch_shapes(config):
+        for path, layer, value in vision_tensor_from_torch(name, sd[name], config):
+            if layer is None:
+                _set(tree, path, np.ascontiguousarray(value))
+            else:
+                stacked.setdefault(path, [None] * config.depth)[layer] = value
+    for path, values in stacked.items():
+        _set(tree, path, np.stack(values))
     return tree
 
 
 def vision_params_to_torch(params, config: QwenVisionConfig, prefix: str = "visual.") -> dict[str, np.ndarray]:
     """transformers' state dict (float32 numpy, keys ``{prefix}…``) of our params tree; inverse of
     ``vision_params_from_torch``."""
-    d, c, tp, p = config.hidden_size, config.in_channels, config.temporal_patch_size, config.patch_size
-    get = lambda path: np.asarray(_get(params, path), np.float32)  # noqa: E731
-    sd = {"patch_embed.proj.weight": get("patch_embed/kernel").T.reshape(d, c, tp, p, p)}
-    for n in range(config.depth):
-        b = f"blocks.{n}."
-        layer = lambda path: get("layers/" + path)[n]  # noqa: E731
-        sd[b + "norm1.weight"] = layer("attn_norm/scale")
-        sd[b + "norm2.weight"] = layer("mlp_norm/scale")
-        sd[b + "attn.qkv.weight"] = np.concatenate(
-            [layer(f"attn/{x}/kernel").reshape(d, -1).T for x in ("query", "key", "value")])
-        sd[b + "attn.qkv.bias"] = np.concatenate(
-            [layer(f"attn/{x}/bias").reshape(-1) for x in ("query", "key", "value")])
-        sd[b + "attn.proj.weight"] = layer("attn/out/kernel").reshape(-1, d).T
-        sd[b + "attn.proj.bias"] = layer("attn/out/bias")
-        for torch_name, path in _LAYER_LINEARS.items():
-            sd[f"{b}{torch_name}.weight"] = layer(path + "/kernel").T
-            sd[f"{b}{torch_name}.bias"] = layer(path + "/bias")
-    for torch_name, path in _MERGER.items():
-        sd[torch_name] = get(path)
-    sd["merger.mlp.0.weight"] = get("merger/mlp_in/kernel").T
-    sd["merger.mlp.2.weight"] = get("merger/mlp_out/kernel").T
-    shapes = torch_shapes(config)
-    return {prefix + k: np.ascontiguousarray(sd[k]) for k in shapes}
+    return {prefix + k: np.ascontiguousarray(vision_tensor_to_torch(k, params, config), np.float32)
+            for k in torch_shapes(config)}
 
 
 def _set(tree: dict, path: str, value) -> None:

@@ -1,0 +1,72 @@
+"""`starflow2 convert`: checkpoint conversion.
+
+    starflow2 convert from-hf --model-dir Qwen2.5-VL-7B-Instruct --out ckpt/qwen [--dtype bfloat16]
+        [--mesh fsdp=-1]
+
+``from-hf`` reads a Hugging Face Qwen2.5-VL directory (``convert.load_hf_qwen2_5_vl``) and writes an
+Orbax checkpoint of the params with the config beside them (``vlm.save_checkpoint``; read back with
+``vlm.load_checkpoint``). The output appears only when complete (Orbax's finalising rename); an
+existing non-empty ``--out`` is refused. Prints a JSON summary on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+NAME = "convert"
+HELP = "convert checkpoints (from-hf: Hugging Face Qwen2.5-VL directory -> Orbax checkpoint)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="convert_command", metavar="<conversion>", required=True)
+    hf = sub.add_parser("from-hf", help="Hugging Face Qwen2.5-VL (config.json + safetensors) -> Orbax checkpoint",
+                        description="Hugging Face Qwen2.5-VL (config.json + safetensors) -> Orbax checkpoint")
+    hf.add_argument("--model-dir", required=True, help="directory with config.json and *.safetensors")
+    hf.add_argument("--out", required=True, help="checkpoint directory to create (must not exist or be empty)")
+    hf.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="stored parameter dtype and compute dtype (default float32)")
+    hf.add_argument("--mesh", default=None,
+                    help="place parameters sharded while converting, e.g. 'fsdp=-1' or 'data=1,fsdp=4,tensor=2' "
+                         "(default: one device)")
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'fsdp=-1,tensor=2' → {'fsdp': -1, 'tensor': 2}; ValueError naming a malformed entry."""
+    shape = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        name, sep, size = entry.partition("=")
+        try:
+            shape[name.strip()] = int(size)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"--mesh entry {entry!r}: expected AXIS=SIZE, e.g. fsdp=-1")
+    return shape
+
+
+def _from_hf(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"starflow2 convert from-hf: --out {out} exists and is not an empty directory", file=sys.stderr)
+        return 2
+    from starflow2_jax import convert, parallel, vlm
+
+    mesh = parallel.make_mesh(parse_mesh(args.mesh)) if args.mesh else None
+    config, params = convert.load_hf_qwen2_5_vl(args.model_dir, args.dtype, mesh=mesh)
+    path = vlm.save_checkpoint(out, config, params)
+    import jax
+    leaves = jax.tree_util.tree_leaves(params)
+    summary = dict(out=str(path), model_dir=str(args.model_dir), dtype=args.dtype,
+                   parameters=sum(int(x.size) for x in leaves), bytes=sum(int(x.nbytes) for x in leaves),
+                   text_layers=config.text.num_layers, vision_layers=config.vision.depth)
+    print(json.dumps(summary))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.convert_command == "from-hf":
+        return _from_hf(args)
+    raise ValueError(f"unknown conversion {args.convert_command!r}")
