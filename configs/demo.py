@@ -7,11 +7,16 @@
 Presets (``arg``): ``label`` (default) or ``caption``, optionally with ``,runlocal`` (big_vision's
 shrink for a quick local check: a small model, a handful of steps, no periodic grids).
 
-The model: 2×2 pixel patches (16 tokens of 4 features), width 64, head dim 32, five one-layer
-shallow blocks and a two-layer deep block; the label (class embedding) or the caption (learned word
-embeddings, ``model.text``) conditions the deep block only. Uniform dequantisation over the 17 grey
-levels, 10% label/caption dropout for guidance. Measured on a loaded 2-core machine: held-out
-bits/dim 2.094 with the EMA parameters after 3000 steps (≈ 250 s).
+The model: 2×2 pixel patches (16 tokens of 4 features), head dim 32, five one-layer shallow blocks
+of width 64 and a two-layer deep block of width 96 (480k parameters with labels); the label (class
+embedding) or the caption (learned word embeddings, ``model.text``) conditions the deep block only.
+Uniform dequantisation over the 17 grey levels, 10% label/caption dropout for guidance.
+
+Measured (label preset, EMA parameters after 3000 steps, ``launch/local.sh demo``): held-out
+bits/dim 2.102; 99.5–99.8% of 1000 samples per guidance weight recognised as the requested digit
+at guidance 1 and 2 (two sample seeds; see ``starflow2_jax.eval.digits``). The deep block's width is
+what buys the accuracy: at width 64 throughout (bits/dim 2.080) it stayed at 98.4–98.6%, and a
+128-wide deep block overfits by step 3000 (bits/dim 2.188).
 """
 
 import ml_collections
@@ -29,7 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.model.flow.factory = "starflow"
     c.model.flow.kwargs = ml_collections.ConfigDict(dict(
-        in_channels=1, img_size=8, patch_size=2, channels=64, layers_per_block=[1, 1, 1, 1, 1, 2], head_dim=32))
+        in_channels=1, img_size=8, patch_size=2, channels=64, layers_per_block=[1, 1, 1, 1, 1, 2], head_dim=32,
+        top_block_channels=96))
     c.model.conditioning = conditioning
     if conditioning == "label":
         c.model.flow.kwargs.num_classes = 10  # cond_top_only (default): the deep block takes the label
@@ -59,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if "runlocal" in modifiers:
         c.model.flow.kwargs.channels = 32
+        c.model.flow.kwargs.top_block_channels = 32
         c.model.flow.kwargs.layers_per_block = [1, 1]
         c.data.batch_size = 16
         c.optim.warmup_steps = 1

@@ -3,9 +3,14 @@
 #
 #   launch/local.sh test [pytest args...]   create/refresh .venv from launch/requirements.lock,
 #                                           then run the test suite on 8 fake CPU devices
+#   launch/local.sh demo [--workdir DIR]     the same .venv, then the digits demo: build the data,
+#                                           train configs/demo.py (resuming from DIR), sample,
+#                                           score, write DIR/report.html (default DIR: runs/demo)
 #
 # Environment:
 #   STARFLOW2_PYTEST_WORKERS   pytest-xdist worker count (default 2; 0 runs in-process)
+#   STARFLOW2_DEMO_CONFIG      the demo's config (default configs/demo.py; the tests use
+#                              configs/demo.py:runlocal, a few steps of a tiny model)
 #   STARFLOW2_PYTHON           interpreter used to create .venv (default: python3.11, else python3)
 set -euo pipefail
 
@@ -24,6 +29,9 @@ usage: launch/local.sh <command> [args...]
 commands:
   test [pytest args...]   set up .venv from launch/requirements.lock (if missing or stale) and
                           run the test suite (default: tests, -n $STARFLOW2_PYTEST_WORKERS or 2)
+  demo [--workdir DIR]    set up .venv, then train the digits demo (configs/demo.py) in DIR
+                          (default runs/demo; an existing checkpoint there is resumed), sample it,
+                          measure held-out bits/dim, judge the samples and write DIR/report.html
 EOF
 }
 
@@ -89,11 +97,134 @@ cmd_test() {
   return "${rc}"
 }
 
+# Seconds since the epoch, with a fraction.
+now() { date +%s.%N; }
+
+# Seconds elapsed since $1 (a `now` value), one decimal.
+since() { awk -v t0="$1" -v t1="$(now)" 'BEGIN { printf "%.1f", t1 - t0 }'; }
+
+# True when $1 (a checkpoint root) holds a complete Orbax step directory.
+has_checkpoint() {
+  local step
+  for step in "$1"/[0-9]*; do
+    [[ "$(basename "${step}")" =~ ^[0-9]+$ && -f "${step}/_CHECKPOINT_METADATA" ]] && return 0
+  done
+  return 1
+}
+
+DEMO_TIMES=()
+
+# demo_step NAME CMD...: runs CMD, dies naming the step when it fails, records its wall time.
+demo_step() {
+  local name="$1"
+  shift
+  local t0 rc=0
+  t0="$(now)"
+  log "demo: ${name}"
+  "$@" || rc=$?
+  (( rc == 0 )) || die "demo step '${name}' failed (exit ${rc}): $*"
+  DEMO_TIMES+=(--time "${name}=$(since "${t0}")")
+}
+
+# build_demo_data WORKDIR CONFIG: builds the digits dataset where CONFIG's training reads it
+# (<workdir>/tfds unless the config sets data.data_dir).
+build_demo_data() {
+  "${VENV}/bin/python" - "$1" "$2" <<'PY'
+import contextlib
+import io
+import sys
+
+from starflow2_jax.cli.common import setup_logging
+from starflow2_jax.cli.config_loader import load_config
+from starflow2_jax.data import build_digits
+from starflow2_jax.train.inputs import data_dir
+
+setup_logging()  # no TFDS progress bars
+with contextlib.redirect_stdout(io.StringIO()):  # nor TFDS's "Downloading and preparing" banner
+    builder = build_digits(data_dir(load_config(sys.argv[2]), sys.argv[1]))
+splits = ", ".join(f"{name} {split.num_examples}" for name, split in sorted(builder.info.splits.items()))
+print(f"[local.sh] digits dataset: {builder.data_dir} ({splits})", file=sys.stderr)
+PY
+}
+
+# train_demo WORKDIR CONFIG: trains (or resumes); fails when the run stopped before its last step
+# (e.g. SIGTERM).
+train_demo() {
+  local workdir="$1"
+  "${VENV}/bin/starflow2" train --config "$2" --workdir "${workdir}" > "${workdir}/train_summary.json"
+  "${VENV}/bin/python" - "${workdir}/train_summary.json" <<'PY'
+import json
+import sys
+
+with open(sys.argv[1], encoding="utf-8") as f:
+    summary = json.load(f)
+if summary["interrupted"]:
+    sys.exit(f"[local.sh] training stopped early at step {summary['step']}; rerun the demo to resume")
+PY
+}
+
+cmd_demo() {
+  local workdir="${REPO_ROOT}/runs/demo"
+  while (( $# > 0 )); do
+    case "$1" in
+      --workdir)
+        (( $# >= 2 )) || die "demo: --workdir needs a directory"
+        workdir="$2"
+        shift 2
+        ;;
+      --workdir=*) workdir="${1#--workdir=}"; shift ;;
+      -h|--help) usage; return 0 ;;
+      *) die "demo: unknown argument '$1' (usage: launch/local.sh demo [--workdir DIR])" ;;
+    esac
+  done
+  local t_start
+  t_start="$(now)"
+  DEMO_TIMES=()
+  demo_step setup ensure_venv
+  mkdir -p "${workdir}"
+  workdir="$(cd "${workdir}" && pwd)"
+  cd "${REPO_ROOT}"  # configs/demo.py
+  local sf="${VENV}/bin/starflow2" config="${STARFLOW2_DEMO_CONFIG:-configs/demo.py}" resumed=()
+  if has_checkpoint "${workdir}/checkpoints"; then
+    resumed=(--resumed)
+    log "demo: ${workdir} has a checkpoint; training resumes from it"
+  fi
+
+  demo_step data build_demo_data "${workdir}" "${config}"
+  demo_step train train_demo "${workdir}" "${config}"
+  local g
+  # The pictures: 10 samples per digit without and with guidance.
+  for g in 0 2; do
+    demo_step "sample_cfg${g}" "${sf}" sample --workdir "${workdir}" --guidance "${g}" --num 10 --seed 0 \
+      --out "${workdir}/samples_cfg${g}.png" > /dev/null
+  done
+  # What the classifier judges: 100 further samples per digit at guidance 0, 1 and 2.
+  for g in 0 1 2; do
+    demo_step "judged_cfg${g}" "${sf}" sample --workdir "${workdir}" --guidance "${g}" --num 100 --seed 1 \
+      --out "${workdir}/judged/samples_cfg${g}.png" > /dev/null
+  done
+  demo_step bpd "${sf}" eval bpd --workdir "${workdir}" --out "${workdir}/bpd.json" > /dev/null
+  echo
+  demo_step score "${VENV}/bin/python" -m starflow2_jax.eval.demo --workdir "${workdir}" "${DEMO_TIMES[@]}" \
+    "${resumed[@]}"
+  cat <<EOF
+
+demo finished in $(since "${t_start}") s (wall time)
+  report        ${workdir}/report.html
+  metrics       ${workdir}/demo_metrics.json
+  samples       ${workdir}/samples_cfg0.png, samples_cfg2.png (guidance 0 / 2; .npz: samples + labels)
+  judged        ${workdir}/judged/samples_cfg{0,1,2}.npz (100 per digit)
+  bits/dim      ${workdir}/bpd.json
+  training      ${workdir}/metrics.jsonl, ${workdir}/checkpoints/
+EOF
+}
+
 main() {
   local command="${1:-}"
   (( $# > 0 )) && shift
   case "${command}" in
     test) cmd_test "$@" ;;
+    demo) cmd_demo "$@" ;;
     -h|--help|help) usage; exit 0 ;;
     *)
       [[ -n "${command}" ]] && echo "[local.sh] unknown command: ${command}" >&2

@@ -85,8 +85,8 @@ def test_demo_config_is_the_measured_recipe():
     c = load_config("configs/demo.py")
     kw = c.model.flow.kwargs
     assert (c.model.flow.factory, c.model.conditioning) == ("starflow", "label")
-    assert (kw.in_channels, kw.img_size, kw.patch_size, kw.channels, list(kw.layers_per_block), kw.head_dim,
-            kw.num_classes) == (1, 8, 2, 64, [1, 1, 1, 1, 1, 2], 32, 10)
+    assert (kw.in_channels, kw.img_size, kw.patch_size, kw.channels, kw.top_block_channels, list(kw.layers_per_block),
+            kw.head_dim, kw.num_classes) == (1, 8, 2, 64, 96, [1, 1, 1, 1, 1, 2], 32, 10)
     assert (c.data.builder, c.data.levels, c.data.noise, c.data.label_drop, c.data.batch_size) == (
         "digits", 16, "uniform", 0.1, 64)
     o = c.optim
