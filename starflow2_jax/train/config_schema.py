@@ -57,12 +57,14 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from starflow2_jax.nn.remat import REMAT_POLICIES
+
 FACTORIES = ("starflow", "tarflow")
 CONDITIONING = ("label", "caption", "none")
 BUILDERS = ("digits", "directory")
 NOISE = ("none", "uniform", "gaussian")
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT = ("none", "full", "dots", "dots_no_batch")
+REMAT = tuple(REMAT_POLICIES)  # the policies nn.remat_layer knows, one list for every model
 
 
 def base_config() -> ml_collections.ConfigDict:
