@@ -1,4 +1,4 @@
-"""Per-example preprocessing: decode, scale to [-1, 1], noise augmentation, label/caption dropout.
+"""Per-example preprocessing: decode, scale to [-1, 1], resize/channels, noise augmentation, label/caption dropout.
 
 ``ImagePreprocess`` is a grain random-map transform: ``preprocess(example, rng) -> example`` where
 ``rng`` is the ``np.random.Generator`` that ``grain.MapDataset.random_map`` seeds from the pipeline
@@ -16,6 +16,8 @@ import numpy as np
 from starflow2_jax.data.images import decode_image, scale_pixels
 
 NOISE_KINDS = ("none", "uniform", "gaussian")
+CHANNEL_OPTIONS = (0, 1, 3)
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +33,16 @@ class ImagePreprocess:
       label_dropout: probability that the label is replaced by -1 (unconditional, for guidance).
       caption_dropout: probability that the caption is replaced by ``""``.
       random_caption: pick one of the example's captions uniformly at random; else always the first.
+      image_size: 0 keeps the stored size; else the output side ``S``: a square stored image of side
+        ``k * S`` is area-averaged (mean over ``k × k`` blocks), one of side ``S / k`` is upsampled by
+        pixel repetition (nearest); other sizes (non-square, non-integer factor) raise ValueError.
+      channels: 0 keeps the stored channels; 3 makes grey (1 channel) RGB by repeating it (RGB stays);
+        1 makes RGB grey with the ITU-R BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` (grey stays).
+        Any other stored channel count raises ValueError.
+
+    Resizing and channel conversion act on the scaled float image (both are linear, so this equals
+    doing them on the pixel values first) and happen before the noise is added; the uniform
+    dequantisation keeps its bin width ``2 / levels``.
     """
 
     levels: int
@@ -39,6 +51,8 @@ class ImagePreprocess:
     label_dropout: float = 0.0
     caption_dropout: float = 0.0
     random_caption: bool = True
+    image_size: int = 0
+    channels: int = 0
 
     def __post_init__(self):
         if isinstance(self.levels, bool) or not isinstance(self.levels, (int, np.integer)) or self.levels < 1:
@@ -54,9 +68,19 @@ class ImagePreprocess:
             value = getattr(self, field)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"ImagePreprocess.{field} {value!r}; expected a probability in [0, 1]")
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, (int, np.integer)) \
+                or self.image_size < 0:
+            raise ValueError(f"ImagePreprocess.image_size {self.image_size!r}; expected an int >= 0 "
+                             "(0 keeps the stored size)")
+        if isinstance(self.channels, bool) or not isinstance(self.channels, (int, np.integer)) \
+                or self.channels not in CHANNEL_OPTIONS:
+            raise ValueError(f"ImagePreprocess.channels {self.channels!r}; expected one of {CHANNEL_OPTIONS} "
+                             "(0 keeps the stored channels, 1 grey, 3 RGB)")
 
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         """``{'image': float32 (H, W, C), 'label': int32, 'caption': str, 'index': int64}``.
+
+        ``H = W = image_size`` and ``C = channels`` where those are set, else the stored ones.
 
         ``example`` is what a TFDS data source returns: ``image`` (uint8 array or encoded bytes),
         optional ``label`` (default -1), optional ``captions`` (list of str/bytes; default none → ""),
@@ -74,6 +98,7 @@ class ImagePreprocess:
         if rng.random() < self.caption_dropout:
             caption = ""
         image = scale_pixels(decode_image(example["image"]), self.levels)  # (H, W, C)
+        image = convert_channels(resize_square(image, self.image_size), self.channels)
         if self.noise == "uniform":
             image = image + (rng.random(image.shape, dtype=np.float32) - np.float32(0.5)) * np.float32(2 / self.levels)
         elif self.noise == "gaussian":
@@ -84,3 +109,41 @@ class ImagePreprocess:
             "caption": caption,
             "index": np.int64(example.get("index", -1)),
         }
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """``image`` (H, W, C) float resized to ``(size, size, C)`` by an integer factor; ``size`` 0 keeps it.
+
+    Downsampling by ``k`` (``H = W = k * size``) takes the mean of each ``k × k`` block (area
+    averaging); upsampling by ``k`` (``size = k * H``) repeats each pixel ``k × k`` times (nearest).
+    Anything else raises ValueError naming both sizes.
+    """
+    if size == 0:
+        return image
+    height, width, channels = image.shape
+    if height != width:
+        raise ValueError(f"ImagePreprocess.image_size {size}: the stored image is {height}x{width}, not square; "
+                         "only square images can be resized by an integer factor")
+    if height == size:
+        return image
+    if height % size == 0:
+        factor = height // size
+        return image.reshape(size, factor, size, factor, channels).mean(axis=(1, 3), dtype=np.float32)
+    if size % height == 0:
+        factor = size // height
+        return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+    raise ValueError(f"ImagePreprocess.image_size {size}: the stored size {height}x{width} is not an integer "
+                     f"multiple or divisor of {size}x{size}")
+
+
+def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """``image`` (H, W, C) with ``channels`` channels (0 keeps them): grey→RGB repeats, RGB→grey is BT.601 luma."""
+    stored = image.shape[-1]
+    if channels == 0 or stored == channels:
+        return image
+    if channels == 3 and stored == 1:
+        return np.repeat(image, 3, axis=-1)
+    if channels == 1 and stored == 3:
+        return (image @ _LUMA)[..., None]
+    raise ValueError(f"ImagePreprocess.channels {channels}: cannot convert a stored image with {stored} channels "
+                     "(expected 1 = grey or 3 = RGB)")
