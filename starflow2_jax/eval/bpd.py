@@ -53,11 +53,16 @@ def bpd_per_image(restored: Restored, workdir: os.PathLike | str, *, split: str,
     from starflow2_jax.data.preprocess import ImagePreprocess
 
     config, task, mesh = restored.config, restored.task, restored.mesh
+    if config.model.family != "flow" or config.model.latent.kind == "fae":
+        raise ValueError(f"bits/dim is defined for flows on pixels or pixel patches; {os.fspath(workdir)!r} is a "
+                         f"model.family={config.model.family!r} run with model.latent.kind="
+                         f"{config.model.latent.kind!r} (its training metrics report nll_per_dim instead)")
     batch_size = _check_int("--batch-size", batch_size if batch_size is not None else int(config.data.batch_size), 1)
     shards = parallel.axes_size(mesh, parallel.BATCH_AXES) * jax.process_count()
     if batch_size % shards:
         raise ValueError(f"--batch-size {batch_size}: must be a multiple of the {shards} batch shards here")
-    preprocess = ImagePreprocess(levels=int(config.data.levels), noise="uniform", random_caption=False)
+    preprocess = ImagePreprocess(levels=int(config.data.levels), noise="uniform", random_caption=False,
+                                 image_size=int(config.data.image_size), channels=int(config.data.channels))
     data = make_pipeline(_source(restored, split, workdir), batch_size=batch_size, seed=int(seed), shuffle=False,
                          preprocess=preprocess, num_epochs=int(num_samples), drop_remainder=False, pad_remainder=True)
     evaluate = make_eval_step(task, mesh, restored.shardings)

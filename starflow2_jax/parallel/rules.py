@@ -55,6 +55,12 @@ FLOW_RULES: Rules = DEFAULT_RULES
 # input features under the name ``patch`` (C·tp·p·p = 1176 for Qwen), kept replicated.
 VLM_RULES: Rules = DEFAULT_RULES + (("patch", None),)
 
+# DINOv2 and the FAE (starflow2_jax.fae): the default layout; the DINOv2 patch embedding reads its
+# flattened patches (patch·patch·C features) under the name ``patch`` (also the pixel decoder's
+# output patches), kept replicated, as are the PatchGAN discriminator's small convolutions.
+FAE_RULES: Rules = DEFAULT_RULES + (("patch", None), ("conv_in", None), ("conv_out", None))
+
+
 def axes_size(mesh: Mesh, axes: str | Sequence[str] | None) -> int:
     """Number of devices a spec entry (axis name, tuple of names, or None) splits a dimension into."""
     if axes is None:

@@ -47,6 +47,8 @@ def logical_shardings(abstract_boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any
     def leaf_sharding(path, leaf):
         if not _is_boxed(leaf):
             return NamedSharding(mesh, PartitionSpec())
+        if not hasattr(leaf.value, "shape"):  # optax.MaskedNode: a frozen parameter's (empty) optimiser state
+            return leaf.value
         missing = [name for name in leaf.names if isinstance(name, str) and name not in known]
         if missing:
             raise ValueError(f"variable {jax.tree_util.keystr(path)} has logical axis name(s) {missing} "

@@ -5,6 +5,7 @@
 ``ValueError`` naming the offending field (``model.flow.factory='x': expected one of ...``).
 
     seed                      int; parameter init, the train rng and the data pipeline's seed
+    model.family              'flow' (TarFlow / STARFlow, model.flow.*) | 'fae' (an FAE stage, model.fae.*)
     model.flow.factory        'starflow' | 'tarflow': ``flow.starflow_config`` / ``flow.tarflow_config``
     model.flow.kwargs         dict of keyword arguments for the factory (for conditioning 'caption'
                               the trainer adds txt_size / txt_dim from model.text)
@@ -16,13 +17,37 @@
     model.text.dim            width of the learned caption embedding (the flow's text_dim)
     model.text.vocab          texts the word-level vocabulary is built from (captions or words);
                               empty: filled from the dataset's caption templates (data.builder='digits')
-    data.builder              'digits' (the embedded demo data) | 'directory' (a prepared TFDS
+    model.latent.kind         what the flow models: 'pixels' (its own patchify) | 'patches' (p×p pixel
+                              patches, fae.PatchesSpace) | 'fae' (a trained FAE's normalised latents).
+                              Not 'pixels': the trainer sets kwargs img_size / in_channels / patch_size
+                              to the latent grid, D and 1, after moving the pixel view to model.latent.*
+    model.latent.patch        'patches': p (0: take kwargs.patch_size)
+    model.latent.image_size   'patches': pixel size (0: kwargs.img_size); 'fae': filled from the FAE
+    model.latent.channels     'patches': pixel channels (0: kwargs.in_channels); 'fae': 3
+    model.latent.fae_workdir  'fae': the workdir of the FAE's last stage (its latest checkpoint is used)
+    model.latent.noise_std    Gaussian noise added to the latents in training (0: none)
+    model.fae.stage           'ia' | 'ib' | 'ii' (see train.tasks.fae); run in that order with init_from
+    model.fae.dinov2          dict of fae.Dinov2Config fields of the frozen encoder (with
+                              dinov2_checkpoint: the fields it must have, the rest filled from it)
+    model.fae.dinov2_checkpoint  '' (random DINOv2: tests, tiny runs) | a Hugging Face Dinov2Model /
+                              Dinov2WithRegistersModel directory
+    model.fae.<size fields>   image_size, encoder_image_size, latent_dim, encoder_heads,
+                              feature_decoder_{width,layers,heads,mlp_ratio},
+                              pixel_decoder_{width,layers,heads,mlp_ratio} (see fae.FAEConfig)
+    model.fae.dtype, remat    compute dtype and remat policy of the FAE and DINOv2
+    model.fae.<loss fields>   kl_weight (β), noise_sigma (stage ia), pixel_loss 'l1'|'l2'|'l1+l2',
+                              perceptual 'dinov2'|'none', perceptual_weight, gan_weight (0: no GAN),
+                              lecam_weight, disc_channels, disc_layers, stats_batches
+    data.builder              'digits' (the embedded demo data) | 'photos' (scikit-image photo tiles +
+                              digits, RGB 64×64) | 'directory' (a prepared TFDS
                               dataset directory, ``tfds.builder_from_directory(data.data_dir)``)
     data.data_dir             where the TFDS files live (built there on first use for 'digits')
     data.split / eval_split   splits for training / bits-per-dim evaluation
     data.levels               largest stored pixel value (16 for the digits, 255 for photos); also the
                               number of bins of bits/dim (bin width 2 / levels)
     data.noise, noise_std     'none' | 'uniform' (dequantisation) | 'gaussian' (σ = noise_std)
+    data.image_size           resize to this square size (0: as stored; integer factors only)
+    data.channels             0: as stored; 3: grey → RGB; 1: RGB → grey
     data.label_drop           probability of dropping the label (→ −1) for guidance
     data.caption_drop         probability of dropping the caption (→ "") for guidance
     data.batch_size           global batch size (split over processes, then over data × fsdp)
@@ -59,9 +84,14 @@ import ml_collections
 
 from starflow2_jax.nn.remat import REMAT_POLICIES
 
+FAMILIES = ("flow", "fae")
 FACTORIES = ("starflow", "tarflow")
+LATENTS = ("pixels", "patches", "fae")
+FAE_STAGES = ("ia", "ib", "ii")
+PIXEL_LOSSES = ("l1", "l2", "l1+l2")
+PERCEPTUAL = ("dinov2", "none")
 CONDITIONING = ("label", "caption", "none")
-BUILDERS = ("digits", "directory")
+BUILDERS = ("digits", "photos", "directory")
 NOISE = ("none", "uniform", "gaussian")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = tuple(REMAT_POLICIES)  # the policies nn.remat_layer knows, one list for every model
@@ -72,15 +102,27 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = ml_collections.ConfigDict()
+    c.model.family = "flow"
     c.model.flow = ml_collections.ConfigDict(dict(
         factory="starflow", kwargs=ml_collections.ConfigDict(dict(
             in_channels=1, img_size=8, patch_size=2, channels=64, layers_per_block=[1, 1], head_dim=32)),
         dtype="float32", remat="none"))
     c.model.conditioning = "none"
     c.model.text = ml_collections.ConfigDict(dict(max_len=8, dim=32, vocab=()))
+    c.model.latent = ml_collections.ConfigDict(dict(kind="pixels", patch=0, image_size=0, channels=0,
+                                                    fae_workdir="", noise_std=0.0))
+    c.model.fae = ml_collections.ConfigDict(dict(
+        stage="ib", dinov2=ml_collections.ConfigDict(dict(
+            hidden_size=32, num_layers=2, num_heads=4, mlp_ratio=4.0, patch_size=4, image_size=32)),
+        dinov2_checkpoint="", image_size=32, encoder_image_size=0, latent_dim=8, encoder_heads=2,
+        feature_decoder_width=32, feature_decoder_layers=2, feature_decoder_heads=2, feature_decoder_mlp_ratio=8 / 3,
+        pixel_decoder_width=32, pixel_decoder_layers=2, pixel_decoder_heads=2, pixel_decoder_mlp_ratio=4.0,
+        dtype="float32", remat="none", kl_weight=1e-4, noise_sigma=0.4, pixel_loss="l2", perceptual="dinov2",
+        perceptual_weight=1.0, gan_weight=0.0, lecam_weight=0.0, disc_channels=32, disc_layers=2, stats_batches=8))
     c.data = ml_collections.ConfigDict(dict(
         builder="digits", data_dir="", split="train", eval_split="test", levels=16, noise="uniform",
-        noise_std=0.0, label_drop=0.1, caption_drop=0.1, batch_size=64, worker_count=0))
+        noise_std=0.0, label_drop=0.1, caption_drop=0.1, batch_size=64, worker_count=0, image_size=0,
+        channels=0))
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-3, min_lr=1e-5, warmup_steps=100, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4,
         clip_norm=1.0, ema_decay=0.0))
@@ -136,6 +178,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     Raises ValueError whose message starts with the dotted name of the first bad field.
     """
     _int(config, "seed", 0)
+    family = _choice(config, "model.family", FAMILIES)
+    if family == "fae":
+        _validate_fae(config)
     factory = _choice(config, "model.flow.factory", FACTORIES)
     kwargs = _get(config, "model.flow.kwargs")
     if not hasattr(kwargs, "keys"):
@@ -166,6 +211,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ValueError("model.text.vocab is empty: list the captions (or words) of your data "
                              "(only data.builder='digits' fills it automatically)")
 
+    kind = _choice(config, "model.latent.kind", LATENTS)
+    for field in ("patch", "image_size", "channels"):
+        _int(config, f"model.latent.{field}", 0)
+    _float(config, "model.latent.noise_std", 0.0)
+    if family == "flow" and kind == "fae" and not _get(config, "model.latent.fae_workdir"):
+        raise ValueError("model.latent.fae_workdir is empty: model.latent.kind='fae' needs the workdir of a "
+                         "trained FAE (its last stage)")
+
     _choice(config, "data.builder", BUILDERS)
     if _get(config, "data.builder") == "directory" and not _get(config, "data.data_dir"):
         raise ValueError("data.data_dir is empty: data.builder='directory' reads a prepared TFDS dataset there")
@@ -178,6 +231,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _float(config, "data.caption_drop", 0.0, 1.0)
     batch = _int(config, "data.batch_size", 1)
     _int(config, "data.worker_count", 0)
+    _int(config, "data.image_size", 0)
+    channels = _int(config, "data.channels", 0)
+    if channels not in (0, 1, 3):
+        raise ValueError(f"data.channels={channels}: expected 0 (as stored), 1 (grey) or 3 (RGB)")
 
     lr = _float(config, "optim.lr", 0.0)
     min_lr = _float(config, "optim.min_lr", 0.0)
@@ -225,6 +282,34 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _float(config, "sample.jacobi.threshold", 0.0)
     _int(config, "sample.jacobi.max_iters", 1)
     return config
+
+
+def _validate_fae(config) -> None:
+    _choice(config, "model.fae.stage", FAE_STAGES)
+    dino = _get(config, "model.fae.dinov2")
+    if not hasattr(dino, "keys"):
+        raise ValueError(f"model.fae.dinov2={dino!r}: expected a dict of fae.Dinov2Config fields")
+    if not isinstance(_get(config, "model.fae.dinov2_checkpoint"), str):
+        raise ValueError("model.fae.dinov2_checkpoint: expected a path string ('' for a random DINOv2)")
+    for field in ("image_size", "latent_dim", "encoder_heads", "feature_decoder_width", "feature_decoder_layers",
+                  "feature_decoder_heads", "pixel_decoder_width", "pixel_decoder_layers", "pixel_decoder_heads",
+                  "disc_channels", "disc_layers", "stats_batches"):
+        _int(config, f"model.fae.{field}", 1)
+    _int(config, "model.fae.encoder_image_size", 0)
+    for field in ("feature_decoder_mlp_ratio", "pixel_decoder_mlp_ratio"):
+        if _float(config, f"model.fae.{field}", 0.0) <= 0:
+            raise ValueError(f"model.fae.{field}: expected a positive number")
+    for field in ("kl_weight", "noise_sigma", "perceptual_weight", "gan_weight", "lecam_weight"):
+        _float(config, f"model.fae.{field}", 0.0)
+    _choice(config, "model.fae.pixel_loss", PIXEL_LOSSES)
+    _choice(config, "model.fae.perceptual", PERCEPTUAL)
+    _choice(config, "model.fae.dtype", DTYPES)
+    _choice(config, "model.fae.remat", REMAT)
+    if _float(config, "optim.ema_decay", 0.0) > 0:
+        raise ValueError(f"optim.ema_decay={config.optim.ema_decay}: must be 0 for model.family='fae' (each stage "
+                         f"hands its raw params to the next, and the latent statistics are computed from them)")
+    if _get(config, "model.latent.kind") != "pixels":
+        raise ValueError("model.latent.kind applies to flows; leave it 'pixels' for model.family='fae'")
 
 
 def to_json_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

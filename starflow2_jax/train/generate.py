@@ -154,7 +154,8 @@ def generate(restored: Restored, *, label: int | None = None, prompt: str | None
     prompts = [row_prompts[r] for r in rows]
 
     noise = jax.random.normal(jax.random.key(int(seed)), (count, fc.num_tokens, fc.token_dim), jnp.float32)
-    variables = {"params": restored.params["flow"], **restored.extra}
+    variables = task.flow_variables(restored.params, restored.extra)
+    to_pixels = jax.jit(task.to_pixels)
     chunk = min(int(batch_size), count)
     outputs, iterations = [], []
     for start in range(0, count, chunk):
@@ -172,6 +173,7 @@ def generate(restored: Restored, *, label: int | None = None, prompt: str | None
                 uncond = jnp.broadcast_to(empty, cond.shape)
         images, info = flow.sample(fc, variables, noise[index], cond, uncond=uncond, guidance=float(guidance),
                                    jacobi=jacobi, return_info=True)
+        images = to_pixels(restored.extra, images)
         outputs.append(np.asarray(jax.device_get(images))[: stop - start])
         iterations.append(np.asarray(jax.device_get(info["iterations"])))
     return Samples(images=np.concatenate(outputs).astype(np.float32), labels=labels, prompts=prompts, rows=rows,

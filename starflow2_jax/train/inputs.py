@@ -1,7 +1,8 @@
 """The training data a config names, built with ``starflow2_jax.data`` (imported lazily).
 
-``data.builder='digits'``: the embedded scikit-learn digits (TFDS files written on first use into
-``data.data_dir``, default ``<workdir>/tfds``); ``'directory'``: any prepared TFDS dataset directory
+``data.builder='digits'``: the embedded scikit-learn digits, ``'photos'``: scikit-image's photos cut
+into RGB tiles plus the digits (TFDS files written on first use into ``data.data_dir``, default
+``<workdir>/tfds``); ``'directory'``: any prepared TFDS dataset directory
 (``tfds.builder_from_directory(data.data_dir)``). Either way a grain pipeline shards it by JAX
 process, shuffles with ``seed``, preprocesses (scale, noise, label/caption dropout) and batches.
 """
@@ -25,10 +26,13 @@ def make_source(config, split: str, workdir: os.PathLike | str):
     if builder == "digits":
         from starflow2_jax.data.digits import build_digits
         return build_digits(data_dir(config, workdir)).as_data_source(split)
+    if builder == "photos":
+        from starflow2_jax.data.photos import build_photos
+        return build_photos(data_dir(config, workdir)).as_data_source(split)
     if builder == "directory":
         import tensorflow_datasets as tfds
         return tfds.builder_from_directory(config.data.data_dir).as_data_source(split)
-    raise ValueError(f"data.builder={builder!r}: expected 'digits' or 'directory'")
+    raise ValueError(f"data.builder={builder!r}: expected 'digits', 'photos' or 'directory'")
 
 
 def make_train_data(config, workdir: os.PathLike | str) -> grain.IterDataset:
@@ -38,7 +42,8 @@ def make_train_data(config, workdir: os.PathLike | str) -> grain.IterDataset:
 
     d = config.data
     preprocess = ImagePreprocess(levels=int(d.levels), noise=d.noise, noise_std=float(d.noise_std),
-                                 label_dropout=float(d.label_drop), caption_dropout=float(d.caption_drop))
+                                 label_dropout=float(d.label_drop), caption_dropout=float(d.caption_drop),
+                                 image_size=int(d.image_size), channels=int(d.channels))
     return make_pipeline(make_source(config, d.split, workdir), batch_size=int(d.batch_size), seed=int(config.seed),
                          shuffle=True, preprocess=preprocess, num_epochs=None, drop_remainder=True,
                          worker_count=int(d.worker_count))

@@ -46,7 +46,7 @@ from starflow2_jax.train.optim import make_optimizer
 from starflow2_jax.train.state import TrainState
 from starflow2_jax.train.step import create_state, make_train_step, state_shardings
 from starflow2_jax.train.task import Task
-from starflow2_jax.train.tasks import FlowTask
+from starflow2_jax.train.tasks import task_from_config
 
 LAST_VALUE_METRICS = ("lr", "skipped_steps", "nonfinite_streak", "update_ok")
 
@@ -92,9 +92,19 @@ class _SignalFlag:
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A validated copy of ``config`` with data-dependent defaults filled in (caption vocabulary and
-    grid prompts for the digits), so the stored config fully determines the model."""
+    grid prompts for the digits; the latent view of ``model.latent``; a DINOv2 checkpoint's config),
+    so the stored config fully determines the model."""
     config = ml_collections.ConfigDict(config.to_dict())
     validate(config)
+    if config.model.family == "fae":
+        from starflow2_jax.train.tasks.fae import resolve_dinov2
+
+        resolve_dinov2(config)
+    else:
+        from starflow2_jax.train.latents import resolve_latent
+
+        resolve_latent(config)
+        validate(config)
     if config.model.conditioning == "caption":
         vocab, prompts = inputs.default_captions(config)
         config.model.text.vocab = tuple(vocab)
@@ -109,6 +119,8 @@ def _initial_state(config, task, optimizer, shardings, checkpointer, data_iter, 
         logging.info("resumed from %s at step %d", os.fspath(checkpointer.directory), latest)
         return state, extra
     state, extra = create_state(task, optimizer, shardings, jax.random.key(int(config.seed)), ema=ema)
+    if hasattr(task, "load_frozen") and not config.train.init_from:
+        extra = task.load_frozen(extra, shardings.extra)  # pretrained frozen parts (e.g. DINOv2)
     if config.train.init_from:
         params, extra = ckpt_lib.load_params(config.train.init_from, shardings.abstract_state.params,
                                              shardings.abstract_extra)
@@ -159,7 +171,7 @@ def train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, task
     Args:
       config: a training config (see ``train.config_schema``); validated here.
       workdir: checkpoints, metrics and samples go here (see the module docstring).
-      task: the ``Task`` to train (default ``FlowTask.from_config(config)``).
+      task: the ``Task`` to train (default ``tasks.task_from_config(config)``).
       data: this process's stream of batches (default: built from ``config.data``); its iterator
         state is checkpointed, so it must be a grain ``IterDataset``.
       stop_after: stop (with a checkpoint) once this step is reached, though the LR schedule still
@@ -173,8 +185,8 @@ def train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, task
     tc = config.train
     total = int(tc.steps) if stop_after is None else min(int(tc.steps), int(stop_after))
     mesh = parallel.make_mesh(dict(config.mesh))
-    task = task if task is not None else FlowTask.from_config(config)
-    optimizer, _ = make_optimizer(config.optim, int(tc.steps))
+    task = task if task is not None else task_from_config(config)
+    optimizer, _ = make_optimizer(config.optim, int(tc.steps), trainable=getattr(task, "trainable", None))
     ema = float(config.optim.ema_decay) > 0
     shardings = state_shardings(task, optimizer, mesh, ema=ema)
     data = data if data is not None else inputs.make_train_data(config, workdir)
@@ -219,6 +231,7 @@ def train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, task
             return streak
 
         pending = None  # the previous step's metrics, checked after the next step is dispatched
+        first_step = step
         while step < total and not flag.received:
             batch = parallel.shard_batch(task.prepare_batch(next(data_iter)), mesh)
             state, step_metrics = train_step(state, extra, batch)
@@ -248,9 +261,12 @@ def train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, task
                     logging.warning("step %d: skipping the checkpoint, the latest step was non-finite", step)
                 else:
                     save()
+        finished = step == int(tc.steps) and step > first_step  # this call ran the schedule's last step
         streak = check(*pending) if pending is not None else int(jax.device_get(state.nonfinite_streak))
         if history:
             last_metrics = _mean_metrics(history)
+        if finished and not streak and not flag.received and hasattr(task, "finalize"):
+            extra = task.finalize(state.params, extra, data_iter)  # e.g. the FAE's latent statistics
         if flag.received:
             checkpointer.wait()
             saved = save(wait=True)

@@ -47,15 +47,25 @@ def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:
         decay_steps=max(total_steps, warmup + 1), end_value=float(optim.min_lr))
 
 
-def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """``(clip → AdamW(β1, β2, eps, masked decay, schedule), schedule)`` from ``config.optim``."""
+def make_optimizer(optim, total_steps: int, *, trainable: Callable[[Any], Any] | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``(clip → AdamW(β1, β2, eps, masked decay, schedule), schedule)`` from ``config.optim``.
+
+    ``trainable``: optional ``params -> bool tree`` (a task's ``trainable``); leaves marked False get
+    no optimiser state and a zero update (frozen parts of a multi-stage model), and the gradient
+    clip sees only the trainable leaves.
+    """
     schedule = learning_rate_schedule(optim, total_steps)
     parts = []
     if optim.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(float(optim.clip_norm)))
     parts.append(optax.adamw(schedule, b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps),
                              weight_decay=float(optim.weight_decay), mask=decay_mask))
-    return optax.chain(*parts), schedule
+    chain = optax.chain(*parts)
+    if trainable is None:
+        return chain, schedule
+    labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen", trainable(params))  # noqa: E731
+    return optax.multi_transform({"train": chain, "frozen": optax.set_to_zero()}, labels), schedule
 
 
 def guarded_update(optimizer: optax.GradientTransformation, grads, opt_state, params,

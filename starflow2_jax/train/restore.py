@@ -27,22 +27,23 @@ from jax.sharding import Mesh
 
 from starflow2_jax import parallel
 from starflow2_jax.train import checkpoint as ckpt_lib
-from starflow2_jax.train.config_schema import validate
+from starflow2_jax.train.config_schema import base_config, validate
 from starflow2_jax.train.optim import make_optimizer
 from starflow2_jax.train.step import StateShardings, state_shardings
-from starflow2_jax.train.tasks import FlowTask
+from starflow2_jax.train.task import Task
+from starflow2_jax.train.tasks import task_from_config
 
 
 class Restored(NamedTuple):
     """What ``restore_workdir`` returns.
 
-    config: the run's resolved config; task: its ``FlowTask``; params / extra: the restored trainable
+    config: the run's resolved config; task: its task (``FlowTask``, ``FAETask``); params / extra: the restored trainable
     parameters (EMA or raw, see ``used_ema``) and non-trainable variables, laid out on ``mesh``;
     step: the checkpoint's step; step_dir: its directory; shardings: the state's shardings on ``mesh``.
     """
 
     config: ml_collections.ConfigDict
-    task: FlowTask
+    task: Task
     params: Any
     extra: Any
     step: int
@@ -80,11 +81,27 @@ def read_step_config(step_dir: os.PathLike | str) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"checkpoint {os.fspath(step_dir)!r} has no stored config (expected {os.fspath(path)})")
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
         stored = reader.restore(path)
-    config = ml_collections.ConfigDict(stored)
+    config = _with_defaults(base_config(), stored)
     try:
         return validate(config)
     except ValueError as error:
         raise ValueError(f"the config stored in {os.fspath(path)} is not valid: {error}") from error
+
+
+def _with_defaults(defaults: ml_collections.ConfigDict, stored: dict) -> ml_collections.ConfigDict:
+    """``stored`` over ``defaults``, recursively: fields added to the schema after a run was saved take
+    their defaults (which reproduce the old behaviour), so older checkpoints keep restoring."""
+    merged = defaults.to_dict()
+
+    def merge(into: dict, new: dict) -> None:
+        for key, value in new.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict) and key not in ("kwargs", "dinov2"):
+                merge(into[key], value)
+            else:
+                into[key] = value
+
+    merge(merged, dict(stored))
+    return ml_collections.ConfigDict(merged)
 
 
 def restore_mesh(config) -> Mesh:
@@ -107,10 +124,10 @@ def restore_workdir(workdir: os.PathLike | str, *, ema: bool = True) -> Restored
     """
     step, step_dir = latest_step_dir(workdir)
     config = read_step_config(step_dir)
-    task = FlowTask.from_config(config)
+    task = task_from_config(config)
     mesh = restore_mesh(config)
     has_ema = float(config.optim.ema_decay) > 0
-    optimizer, _ = make_optimizer(config.optim, int(config.train.steps))
+    optimizer, _ = make_optimizer(config.optim, int(config.train.steps), trainable=getattr(task, "trainable", None))
     shardings = state_shardings(task, optimizer, mesh, ema=has_ema)
     name = "ema_params" if (ema and has_ema) else "params"
     target = {name: getattr(shardings.abstract_state, name)}

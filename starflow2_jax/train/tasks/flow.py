@@ -7,6 +7,13 @@ padding ids; its features are also the guidance ``uncond``. ``extra_vars`` is ``
 
 Loss: ``flow.loss`` (incl. the config's latent-norm regulariser) of the flow's forward pass on the
 noise-augmented batch. Bits/dim use ``num_bins`` bins of width 2/num_bins over [−1, 1].
+
+Latent spaces (``latent_space``, see ``fae.latent_space``): the flow models ``encode(images)`` on the
+latent grid (its config has patch size 1, ``in_channels`` = D), plus ``latent_noise_std``·ε in
+training; grids are decoded back to pixels. The space's variables are ``extra_vars['latent']`` —
+frozen, never optimised; for an FAE they are loaded from its workdir at the first start
+(``load_frozen``) and checkpointed with the flow. Bits/dim are reported for pixels and patches (the
+same dimensions); an FAE's latents get ``nll_per_dim`` (nats) instead.
 """
 
 from __future__ import annotations
@@ -64,7 +71,8 @@ class FlowTask:
 
     def __init__(self, flow_config: flow.FlowConfig, conditioning: str = "none", *, vocab: Sequence[str] = (),
                  num_bins: int = 256, per_class: int = 4, prompts: Sequence[str] = (),
-                 jacobi: flow.JacobiOptions | None = None):
+                 jacobi: flow.JacobiOptions | None = None, latent_space=None, latent_noise_std: float = 0.0,
+                 fae_workdir: str = ""):
         if conditioning not in CONDITIONING:
             raise ValueError(f"conditioning={conditioning!r}: expected one of {CONDITIONING}")
         fc = flow_config.validate()
@@ -79,6 +87,15 @@ class FlowTask:
         self.num_bins = int(num_bins)
         self.per_class = int(per_class)
         self.jacobi = jacobi
+        self.latent_space = latent_space
+        self.latent_noise_std = float(latent_noise_std)
+        self.fae_workdir = fae_workdir
+        if latent_space is not None:
+            grid, d = latent_space.grid, latent_space.latent_dim
+            if (tuple(fc.image_size), fc.patch_size, fc.in_channels) != (tuple(grid), 1, d):
+                raise ValueError(f"the flow sees images {tuple(fc.image_size)} × {fc.in_channels} with patch "
+                                 f"{fc.patch_size}; the {latent_space.kind} latent space gives a {grid} grid of "
+                                 f"{d} features (expected patch size 1)")
         self.vocab = WordVocab(vocab) if conditioning == "caption" else None
         if self.vocab is not None and len(self.vocab) <= 2:
             raise ValueError("caption conditioning needs a vocabulary: vocab texts are empty")
@@ -94,9 +111,13 @@ class FlowTask:
         jac = config.sample.jacobi
         jacobi = (flow.JacobiOptions(block_size=int(jac.block_size), threshold=float(jac.threshold),
                                      max_iters=int(jac.max_iters)) if jac.block_size > 0 else None)
+        from starflow2_jax.train.latents import latent_space_from
+
         return cls(flow_config_from(config), config.model.conditioning, vocab=tuple(config.model.text.vocab),
                    num_bins=int(config.data.levels), per_class=int(config.sample.per_class),
-                   prompts=tuple(config.sample.prompts), jacobi=jacobi)
+                   prompts=tuple(config.sample.prompts), jacobi=jacobi, latent_space=latent_space_from(config),
+                   latent_noise_std=float(config.model.latent.noise_std),
+                   fae_workdir=str(config.model.latent.fae_workdir))
 
     # ---- Task protocol ----------------------------------------------------------------------
     def init(self, rng: jax.Array) -> tuple[dict, dict]:
@@ -107,12 +128,26 @@ class FlowTask:
             table = jax.random.normal(k_text, (len(self.vocab), self.flow_config.text_dim), jnp.float32)
             params["text"] = {"embedding": nn.Partitioned(table, names=("vocab", "text_embed"))}
         extra = {name: value for name, value in variables.items() if name != "params"}
+        if self.latent_space is not None and self.latent_space.kind == "fae":
+            extra["latent"] = _random_fae_variables(self.latent_space.config, jax.random.fold_in(rng, 7))
         return params, extra
+
+    def load_frozen(self, extra, shardings):
+        """Fresh runs on an FAE latent space: its trained variables replace the random placeholders."""
+        if self.latent_space is None or self.latent_space.kind != "fae":
+            return extra
+        from starflow2_jax.train.latents import load_fae_variables
+
+        return {**extra, "latent": load_fae_variables(self.fae_workdir, shardings["latent"])}
 
     def prepare_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "image" not in batch:
             raise ValueError(f"batch has no 'image' field (fields: {sorted(batch)})")
         out = {"image": np.asarray(batch["image"], np.float32)}
+        if self.latent_space is not None and out["image"].shape[1:] != tuple(self.latent_space.image_shape):
+            raise ValueError(f"batch images are {out['image'].shape[1:]} (H, W, C); the {self.latent_space.kind} "
+                             f"latent space takes {tuple(self.latent_space.image_shape)} (data.image_size / "
+                             f"data.channels resize or convert them)")
         if self.conditioning == "label":
             out["label"] = np.asarray(batch["label"], np.int32)
         elif self.conditioning == "caption":
@@ -130,22 +165,36 @@ class FlowTask:
             return self.text_features(params, batch["tokens"])
         return None
 
-    def _forward(self, params, extra_vars, batch):
-        variables = {"params": params["flow"], **extra_vars}
-        return flow.forward_with_intermediates(self.flow_config, variables, batch["image"],
-                                               self._cond(params, batch))
+    def _model_inputs(self, extra_vars, images, rng=None):
+        """The flow's inputs: the images, or their latents (B, gh, gw, D) (+ training noise with ``rng``)."""
+        if self.latent_space is None:
+            return images
+        latents = jax.lax.stop_gradient(self.latent_space.encode(extra_vars.get("latent", {}), images))
+        if rng is not None and self.latent_noise_std > 0:
+            latents = latents + self.latent_noise_std * jax.random.normal(rng, latents.shape, latents.dtype)
+        gh, gw = self.latent_space.grid
+        return latents.reshape(latents.shape[0], gh, gw, latents.shape[-1])
+
+    def _forward(self, params, extra_vars, batch, rng=None):
+        variables = self.flow_variables(params, extra_vars)
+        inputs = self._model_inputs(extra_vars, batch["image"], rng)
+        return flow.forward_with_intermediates(self.flow_config, variables, inputs, self._cond(params, batch))
+
+    def _likelihood(self, out) -> dict:
+        """Per-example 'bits_per_dim' (pixels, patches) or 'nll_per_dim' (an FAE's latents)."""
+        if self.latent_space is not None and self.latent_space.kind == "fae":
+            return {"nll_per_dim": flow.nll_per_dim(self.flow_config, out)}
+        return {"bits_per_dim": flow.bits_per_dim(self.flow_config, out, self.num_bins)}
 
     def loss(self, params, extra_vars, batch, rng):
-        del rng  # the flow's loss is deterministic given the (already noise-augmented) batch
-        out = self._forward(params, extra_vars, batch)
+        out = self._forward(params, extra_vars, batch, rng)  # rng: only for latent noise
         terms = flow.loss(self.flow_config, out)
-        terms["bits_per_dim"] = jnp.mean(flow.bits_per_dim(self.flow_config, out, self.num_bins))
+        terms.update({k: jnp.mean(v) for k, v in self._likelihood(out).items()})
         return terms["loss"], terms
 
     def eval_step(self, params, extra_vars, batch, rng):
         del rng
-        out = self._forward(params, extra_vars, batch)
-        return {"bits_per_dim": flow.bits_per_dim(self.flow_config, out, self.num_bins)}
+        return self._likelihood(self._forward(params, extra_vars, batch))
 
     def grid_rows(self) -> list[str]:
         """Row names of ``sample_grid``: class ids, prompts, or sample-row numbers."""
@@ -164,8 +213,7 @@ class FlowTask:
         if self.conditioning == "caption":
             tokens = self.vocab.encode_batch(np.repeat(np.asarray(rows), cols), self.flow_config.text_len)
         images = self._sample_impl(params, extra_vars, rng, tokens, guidance=float(guidance), rows=len(rows), cols=cols)
-        h, w = self.flow_config.image_size
-        return SampleGrid(images.reshape(len(rows), cols, h, w, self.flow_config.in_channels), rows)
+        return SampleGrid(images.reshape(len(rows), cols, *images.shape[1:]), rows)
 
     # ---- sampling ---------------------------------------------------------------------------
     @functools.partial(jax.jit, static_argnames=("self", "guidance", "rows", "cols"))
@@ -173,7 +221,7 @@ class FlowTask:
         fc = self.flow_config
         n = rows * cols
         noise = jax.random.normal(rng, (n, fc.num_tokens, fc.token_dim), jnp.float32)
-        variables = {"params": params["flow"], **extra_vars}
+        variables = self.flow_variables(params, extra_vars)
         cond = uncond = None
         if self.conditioning == "label":
             cond = jnp.repeat(jnp.arange(rows, dtype=jnp.int32), cols)
@@ -181,5 +229,28 @@ class FlowTask:
             cond = self.text_features(params, tokens)
             uncond = jnp.broadcast_to(self.text_features(params, jnp.zeros((1, fc.text_len), jnp.int32)),
                                       cond.shape)
-        return flow.sample(fc, variables, noise, cond, uncond=uncond if guidance else None, guidance=guidance,
-                           jacobi=self.jacobi)
+        images = flow.sample(fc, variables, noise, cond, uncond=uncond if guidance else None, guidance=guidance,
+                             jacobi=self.jacobi)
+        return self.to_pixels(extra_vars, images)
+
+    def to_pixels(self, extra_vars, samples: jax.Array) -> jax.Array:
+        """Flow samples (B, H, W, C) on the flow's grid → images: the latent space's decoding, clipped
+        to [−1, 1] (unchanged without a latent space)."""
+        if self.latent_space is None:
+            return samples
+        latents = samples.reshape(samples.shape[0], -1, samples.shape[-1])  # (B, gh, gw, D) → (B, N, D), raster
+        return jnp.clip(self.latent_space.decode(extra_vars.get("latent", {}), latents), -1.0, 1.0)
+
+    def flow_variables(self, params, extra_vars) -> dict:
+        """The flow's own variables (``{'params', 'prior'}``), without the latent space's."""
+        return {"params": params["flow"], **{k: v for k, v in extra_vars.items() if k != "latent"}}
+
+
+def _random_fae_variables(config, rng) -> dict:
+    """Random FAE variables with the trained ones' structure (placeholders replaced by ``load_frozen``)."""
+    from starflow2_jax.fae import api as fae_api
+    from starflow2_jax.fae.dinov2 import init_dinov2
+
+    k_fae, k_dino = jax.random.split(rng)
+    return {"dinov2": init_dinov2(config.dinov2, k_dino), "fae": nn.meta.unbox(fae_api.init_boxed(config, k_fae)),
+            "latent_stats": fae_api.empty_latent_stats(config)}

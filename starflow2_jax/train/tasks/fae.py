@@ -1,0 +1,252 @@
+"""``FAETask``: the FAE's three training stages through the shared loop (SPEC §3).
+
+Stages (``model.fae.stage``), run in this order, each starting from the previous one's checkpoint
+(``train.init_from``), so the last checkpoint holds every part::
+
+    ia   pixel decoder (+ discriminator) on noisy real features F + σ·rms(F)·ε     trains pixel_decoder, discriminator
+    ib   encoder + feature decoder: ‖FD(z) − F‖² + β·KL(q(z|F) ‖ N(0, I))         trains encoder, feature_decoder
+         at its last step, the latent statistics (per-channel mean/std of the posterior means over
+         ``model.fae.stats_batches`` training batches) are computed and stored with the checkpoint
+    ii   pixel decoder (+ discriminator) fine-tuned on reconstructed features FD(E(F))  trains pixel_decoder, discriminator
+
+Parameters are always the union ``{'encoder', 'feature_decoder', 'pixel_decoder', 'discriminator'}``
+(so every stage restores the previous stage's tree as is); ``trainable`` tells the optimiser which
+parts a stage updates — the others get no moments and no updates. The frozen DINOv2 and the latent
+statistics are ``extra_vars`` (``{'dinov2', 'latent_stats'}``), never optimised.
+
+Pixel stages: loss = pixel (L1 / L2 / both) + w_p·perceptual + w_g·hinge-GAN generator term, plus
+the discriminator's hinge loss (+ w_lecam·LeCam) on detached reconstructions; generator and
+discriminator update in the same step (each term only reaches its own parameters through
+``stop_gradient``). Perceptual distance: unit-normalised DINOv2 patch features of the
+reconstruction vs the real image's (``perceptual='dinov2'``, no extra weights) or 'none'.
+LeCam anchors are the batch means of the detached logits (the step carries no EMA state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from starflow2_jax.fae import api as fae_api
+from starflow2_jax.fae import losses
+from starflow2_jax.fae.config import FAEConfig
+from starflow2_jax.fae.discriminator import PatchDiscriminator
+from starflow2_jax.fae.dinov2 import Dinov2Config, dinov2_features, init_dinov2
+from starflow2_jax.fae.model import sample_latent
+from starflow2_jax.parallel import FAE_RULES
+from starflow2_jax.train.task import SampleGrid
+
+STAGES = ("ia", "ib", "ii")
+TRAINS = {"ia": ("pixel_decoder", "discriminator"), "ib": ("encoder", "feature_decoder"),
+          "ii": ("pixel_decoder", "discriminator")}
+FAE_FIELDS = ("image_size", "encoder_image_size", "latent_dim", "encoder_heads", "feature_decoder_width",
+              "feature_decoder_layers", "feature_decoder_heads", "feature_decoder_mlp_ratio", "pixel_decoder_width",
+              "pixel_decoder_layers", "pixel_decoder_heads", "pixel_decoder_mlp_ratio", "dtype", "remat")
+
+
+def resolve_dinov2(config) -> None:
+    """Fills ``model.fae.dinov2`` in place from ``model.fae.dinov2_checkpoint``'s config.json, after
+    checking that every field already set there agrees with the checkpoint (wrong variant → ValueError
+    naming each field). A no-op without a checkpoint. The stored config is then self-contained."""
+    f = config.model.fae
+    if not f.dinov2_checkpoint:
+        return
+    from starflow2_jax.convert.hf_dinov2 import check_expected, read_config
+
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(f.dinov2).items()}
+    if not os.path.isdir(f.dinov2_checkpoint):
+        raise FileNotFoundError(f"model.fae.dinov2_checkpoint={f.dinov2_checkpoint!r} is not a directory (expected "
+                                f"a Hugging Face Dinov2Model / Dinov2WithRegistersModel checkpoint)")
+    dino = read_config(f.dinov2_checkpoint)
+    check_expected(dino, fields, f"model.fae.dinov2_checkpoint={f.dinov2_checkpoint!r}")
+    resolved = {k: v for k, v in dataclasses.asdict(dino).items() if k not in ("dtype", "remat")}
+    f.dinov2 = ml_collections.ConfigDict({k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()})
+
+
+def fae_config_from(config) -> FAEConfig:
+    """The ``FAEConfig`` of a training config's ``model.fae`` (``model.fae.dinov2`` holds the DINOv2
+    config's fields; see ``resolve_dinov2`` for checkpoints). Raises ValueError naming the field."""
+    f = config.model.fae
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(f.dinov2).items()}
+    try:
+        dino = Dinov2Config(**{**fields, "dtype": f.dtype, "remat": f.remat})
+    except TypeError as error:
+        raise ValueError(f"model.fae.dinov2={fields}: not accepted by Dinov2Config ({error}); with "
+                         f"model.fae.dinov2_checkpoint set, the trainer fills it from the checkpoint") from error
+    try:
+        return FAEConfig(dinov2=dino, **{k: f[k] for k in FAE_FIELDS}).validate()
+    except ValueError as error:
+        raise ValueError(f"model.fae: {error}") from error
+
+
+@dataclasses.dataclass(frozen=True)
+class FAELosses:
+    """The stage's loss settings (``model.fae.*``)."""
+
+    stage: str = "ib"
+    kl_weight: float = 1e-4
+    noise_sigma: float = 0.4
+    pixel_loss: str = "l2"
+    perceptual: str = "dinov2"
+    perceptual_weight: float = 1.0
+    gan_weight: float = 0.0
+    lecam_weight: float = 0.0
+    disc_channels: int = 64
+    disc_layers: int = 2
+    stats_batches: int = 8
+
+
+class FAETask:
+    """A ``Task`` (see ``train.task``) for one FAE stage; see the module docstring."""
+
+    rules = FAE_RULES
+
+    def __init__(self, fae_config: FAEConfig, settings: FAELosses, *, dinov2_checkpoint: str = "",
+                 per_class: int = 4):
+        if settings.stage not in STAGES:
+            raise ValueError(f"model.fae.stage={settings.stage!r}: expected one of {STAGES}")
+        self.config = fae_config.validate()
+        self.settings = settings
+        self.dinov2_checkpoint = dinov2_checkpoint
+        self.per_class = int(per_class)
+        self.discriminator = PatchDiscriminator(channels=settings.disc_channels, num_layers=settings.disc_layers)
+
+    @classmethod
+    def from_config(cls, config) -> "FAETask":
+        f = config.model.fae
+        settings = FAELosses(**{k.name: f[k.name] for k in dataclasses.fields(FAELosses)})
+        return cls(fae_config_from(config), settings, dinov2_checkpoint=f.dinov2_checkpoint,
+                   per_class=int(config.sample.per_class))
+
+    # ---- Task protocol ----------------------------------------------------------------------
+    def init(self, rng):
+        k_fae, k_disc, k_dino = jax.random.split(rng, 3)
+        params = fae_api.init_boxed(self.config, k_fae)
+        s = self.config.image_size
+        params["discriminator"] = self.discriminator.init(k_disc, jnp.zeros((1, s, s, 3)))["params"]
+        extra = {"dinov2": init_dinov2(self.config.dinov2, k_dino),
+                 "latent_stats": fae_api.empty_latent_stats(self.config)}
+        return params, extra
+
+    def trainable(self, params):
+        """A bool tree like ``params``: True for the parts this stage trains."""
+        parts = TRAINS[self.settings.stage]
+        return {name: jax.tree.map(lambda _: name in parts, sub) for name, sub in params.items()}
+
+    def load_frozen(self, extra, shardings):
+        """Fresh runs: replaces the random DINOv2 with ``dinov2_checkpoint``'s weights (if set)."""
+        if not self.dinov2_checkpoint:
+            logging.warning("model.fae.dinov2_checkpoint is empty: the frozen DINOv2 is randomly initialised "
+                            "(fine for tests and the tiny preset, not for real features)")
+            return extra
+        from starflow2_jax.convert.hf_dinov2 import load_hf_dinov2
+
+        _, dino = load_hf_dinov2(self.dinov2_checkpoint, expect=self.config.dinov2)
+        dino = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x, jnp.float32), s), dino, shardings["dinov2"])
+        return {**extra, "dinov2": dino}
+
+    def prepare_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if "image" not in batch:
+            raise ValueError(f"batch has no 'image' field (fields: {sorted(batch)})")
+        image = np.asarray(batch["image"], np.float32)
+        fae_api.check_images(self.config, image)
+        return {"image": image}
+
+    def _pixel_terms(self, params, extra, images, inputs):
+        cfg, st = self.config, self.settings
+        recon = fae_api.decode_pixels(cfg, params, inputs)
+        terms = {"pixel": losses.pixel_reconstruction(recon, images, st.pixel_loss)}
+        total = terms["pixel"]
+        if st.perceptual == "dinov2" and st.perceptual_weight > 0:
+            real = fae_api.encoder_features(cfg, extra["dinov2"], images)
+            fake = self._features_with_grad(extra["dinov2"], recon)
+            terms["perceptual"] = losses.feature_distance(fake, real)
+            total = total + st.perceptual_weight * terms["perceptual"]
+        if st.gan_weight > 0:
+            d = params["discriminator"]
+            apply = self.discriminator.apply
+            terms["gan_g"] = losses.hinge_generator(apply({"params": jax.lax.stop_gradient(d)}, recon))
+            real_logits = apply({"params": d}, images)
+            fake_logits = apply({"params": d}, jax.lax.stop_gradient(recon))
+            terms["gan_d"] = losses.hinge_discriminator(real_logits, fake_logits)
+            total = total + st.gan_weight * terms["gan_g"] + terms["gan_d"]
+            if st.lecam_weight > 0:
+                anchors = jax.lax.stop_gradient((jnp.mean(real_logits), jnp.mean(fake_logits)))
+                terms["lecam"] = losses.lecam(real_logits, fake_logits, *anchors)
+                total = total + st.lecam_weight * terms["lecam"]
+        return total, terms
+
+    def _features_with_grad(self, dinov2_params, images):
+        cfg = self.config
+        x = images
+        if cfg.input_size != cfg.image_size:
+            x = jax.image.resize(x, (x.shape[0], cfg.input_size, cfg.input_size, 3), method="linear", antialias=True)
+        return dinov2_features(cfg.dinov2, jax.lax.stop_gradient(dinov2_params), x)
+
+    def loss(self, params, extra, batch, rng):
+        cfg, st = self.config, self.settings
+        images = batch["image"]
+        feats = fae_api.encoder_features(cfg, extra["dinov2"], images)
+        if st.stage == "ib":
+            mean, logvar = fae_api.encode_features(cfg, params, feats)
+            recon = fae_api.decode_features(cfg, params, sample_latent(mean, logvar, rng))
+            terms = {"feature": losses.feature_reconstruction(recon, feats), "kl": losses.gaussian_kl(mean, logvar)}
+            total = terms["feature"] + st.kl_weight * terms["kl"]
+        else:
+            if st.stage == "ia":
+                inputs = losses.noisy_features(feats, rng, st.noise_sigma)
+            else:
+                frozen = jax.lax.stop_gradient(params)
+                mean, _ = fae_api.encode_features(cfg, frozen, feats)
+                inputs = fae_api.decode_features(cfg, frozen, mean)
+            total, terms = self._pixel_terms(params, extra, images, inputs)
+        metrics = {name: jnp.mean(value) for name, value in terms.items()}
+        return jnp.mean(total), metrics
+
+    def eval_step(self, params, extra, batch, rng):
+        del rng
+        return fae_api.reconstruction_errors(self.config, {"fae": params, "dinov2": extra["dinov2"]}, batch["image"])
+
+    def finalize(self, params, extra, batches):
+        """Stage 'ib': the latent statistics over ``stats_batches`` batches from ``batches`` (an
+        iterator of ``prepare_batch`` inputs) put into ``extra['latent_stats']``; other stages: unchanged."""
+        if self.settings.stage != "ib":
+            return extra
+        moments = None
+        for _ in range(self.settings.stats_batches):
+            images = self.prepare_batch(next(batches))["image"]
+            m = self._moments(params, extra, images)
+            moments = m if moments is None else jax.tree.map(jnp.add, moments, m)
+        stats = fae_api.finish_latent_stats(moments)
+        logging.info("FAE latent statistics over %d tokens: mean |μ| %.4f, mean σ %.4f", int(stats["count"]),
+                     float(jnp.mean(jnp.abs(stats["mean"]))), float(jnp.mean(stats["std"])))
+        placed = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), stats, extra["latent_stats"])
+        return {**extra, "latent_stats": placed}
+
+    @functools.partial(jax.jit, static_argnames=("self",))
+    def _moments(self, params, extra, images):
+        return fae_api.latent_moments(self.config, {"fae": params, "dinov2": extra["dinov2"]}, images)
+
+    def sample_grid(self, params, extra, rng, *, guidance: float):
+        """Decoded prior samples: z ~ N(0, I) in the normalised latent space → FD → PD (guidance unused)."""
+        del guidance
+        rows, cols = self.per_class, 8
+        images = self._decode_prior(params, extra, rng, rows * cols)
+        s = self.config.image_size
+        return SampleGrid(images.reshape(rows, cols, s, s, 3), [str(r) for r in range(rows)])
+
+    @functools.partial(jax.jit, static_argnames=("self", "n"))
+    def _decode_prior(self, params, extra, rng, n):
+        cfg = self.config
+        z = jax.random.normal(rng, (n, cfg.num_tokens, cfg.latent_dim), jnp.float32)
+        stats = extra["latent_stats"]
+        feats = fae_api.decode_features(cfg, params, z * stats["std"] + stats["mean"])
+        return jnp.clip(fae_api.decode_pixels(cfg, params, feats), -1.0, 1.0)
