@@ -85,8 +85,11 @@ cmd_test() {
   ensure_venv
   local workers="${STARFLOW2_PYTEST_WORKERS:-2}"
   local args=()
+  if (( workers > 0 )); then
+    args+=(--dist loadgroup)  # tests sharing an expensive session fixture (xdist_group) run in one worker
+  fi
   if (( $# == 0 )); then
-    args=(tests)
+    args+=(tests)
   fi
   cd "${REPO_ROOT}"
   local rc=0

@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-BENCHMARKS = ("flow", "train", "vlm")
+BENCHMARKS = ("flow", "train", "vlm", "fae")
 
 
 def main(argv=None) -> int:

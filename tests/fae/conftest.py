@@ -26,7 +26,8 @@ def tiny_stage_config(stage: str, data_dir: str, init_from: str = ""):
 
 @pytest.fixture(scope="session")
 def trained_fae(tmp_path_factory):
-    """``({'ia', 'ib', 'ii'} → workdir, the stage-ii config, data_dir)``."""
+    """``({'ia', 'ib', 'ii'} → workdir, the stage-ii config, data_dir)``. Tests using it carry
+    ``pytest.mark.xdist_group("trained_fae")`` so that one worker trains it once."""
     from starflow2_jax.train.loop import train
 
     root = tmp_path_factory.mktemp("fae")

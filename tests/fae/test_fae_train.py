@@ -19,7 +19,7 @@ from starflow2_jax.fae.latent_space import Bound, FAESpace
 from starflow2_jax.train import latents as latents_lib
 from starflow2_jax.train.tasks.fae import FAETask, fae_config_from
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained_fae")]
 
 
 def _held_out_images(data_dir, n=32):

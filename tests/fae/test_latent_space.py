@@ -162,6 +162,7 @@ def test_demo_config_runs_on_the_patches_latent_space(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("trained_fae")  # shares the session's trained FAE with test_fae_train.py
 def test_demo_config_runs_on_the_fae_latent_space(tmp_path, trained_fae):
     from starflow2_jax.train.generate import sample_from_workdir
     from starflow2_jax.train.loop import train
