@@ -93,7 +93,9 @@ class FAEConfig:
             raise ValueError(f"FAEConfig.encoder_image_size={self.encoder_image_size}: expected 0 or a size")
         p = self.dinov2.patch_size
         if self.input_size % p:
-            raise ValueError(f"FAEConfig: DINOv2 input size {self.input_size} is not divisible by its patch size {p}")
+            field = "encoder_image_size" if self.encoder_image_size else "image_size"
+            raise ValueError(f"FAEConfig.{field}={self.input_size} (the DINOv2 input size) is not divisible by "
+                             f"its patch size {p}")
         if self.image_size % self.grid:
             raise ValueError(f"FAEConfig.image_size={self.image_size} is not divisible by the latent grid "
                              f"{self.grid} (= {self.input_size} / patch {p})")

@@ -54,8 +54,9 @@ FAE_FIELDS = ("image_size", "encoder_image_size", "latent_dim", "encoder_heads",
 
 def resolve_dinov2(config) -> None:
     """Fills ``model.fae.dinov2`` in place from ``model.fae.dinov2_checkpoint``'s config.json, after
-    checking that every field already set there agrees with the checkpoint (wrong variant → ValueError
-    naming each field). A no-op without a checkpoint. The stored config is then self-contained."""
+    checking that the checkpoint is the encoder ``model.fae.dinov2`` describes (its fields, the rest at
+    ``Dinov2Config``'s defaults; another variant → ValueError naming each differing field). A no-op
+    without a checkpoint. The stored config is then self-contained."""
     f = config.model.fae
     if not f.dinov2_checkpoint:
         return
@@ -66,7 +67,11 @@ def resolve_dinov2(config) -> None:
         raise FileNotFoundError(f"model.fae.dinov2_checkpoint={f.dinov2_checkpoint!r} is not a directory (expected "
                                 f"a Hugging Face Dinov2Model / Dinov2WithRegistersModel checkpoint)")
     dino = read_config(f.dinov2_checkpoint)
-    check_expected(dino, fields, f"model.fae.dinov2_checkpoint={f.dinov2_checkpoint!r}")
+    try:  # unset fields take Dinov2Config's defaults: the variant (registers or not) is always checked
+        expected = Dinov2Config(**fields)
+    except TypeError as error:
+        raise ValueError(f"model.fae.dinov2={fields}: not accepted by Dinov2Config ({error})") from error
+    check_expected(dino, expected, f"model.fae.dinov2_checkpoint={f.dinov2_checkpoint!r}")
     resolved = {k: v for k, v in dataclasses.asdict(dino).items() if k not in ("dtype", "remat")}
     f.dinov2 = ml_collections.ConfigDict({k: list(v) if isinstance(v, tuple) else v for k, v in resolved.items()})
 

@@ -1,0 +1,94 @@
+"""The FAE task with a Hugging Face DINOv2 checkpoint, stage freezing, and config errors.
+
+Oracles: transformers' ``Dinov2Model`` (the frozen weights the trainer loaded must give its patch
+features), the stage-ia checkpoint itself (parts a stage does not train must come out bit-identical).
+"""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from starflow2_jax.cli.config_loader import load_config
+from starflow2_jax.fae.dinov2 import dinov2_features
+from starflow2_jax.train import validate
+from starflow2_jax.train.loop import resolve_config, train
+from starflow2_jax.train.restore import restore_workdir
+import dinov2_hf_tiny as hf_tiny
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FAE = os.path.join(REPO, "configs", "fae.py")
+
+
+def _tiny(stage, tmp_path, *overrides):
+    return load_config(f"{FAE}:tiny,{stage},runlocal", [f"data.data_dir={tmp_path / 'tfds'}",
+                                                         "train.async_checkpoint=False", *overrides])
+
+
+def _save_hf(name, directory) -> str:
+    hf_tiny.build(name).save_pretrained(directory)
+    return os.fspath(directory)
+
+
+DINO_FIELDS = ["model.fae.dinov2.image_size=16"]  # the tiny HF models: 32 wide, 2 layers, patch 4, 16 px native
+
+
+@pytest.mark.slow
+def test_stage_loads_the_hf_dinov2_and_freezes_the_parts_it_does_not_train(tmp_path):
+    ckpt = _save_hf("plain", tmp_path / "dino")
+    config = _tiny("ia", tmp_path, f"model.fae.dinov2_checkpoint={ckpt}", *DINO_FIELDS)
+    train(config, tmp_path / "ia")
+    restored = restore_workdir(tmp_path / "ia", ema=False)
+    images = hf_tiny.images((2, 32, 32, 3))
+    ours = np.asarray(dinov2_features(restored.task.config.dinov2, restored.extra["dinov2"], images))
+    with torch.no_grad():
+        want = hf_tiny.hf_features(hf_tiny.build("plain"), hf_tiny.CONFIGS["plain"], images)
+    np.testing.assert_allclose(ours, want, atol=1e-4)
+
+    # stage ib from ia: the pixel decoder (trained in ia) must come through unchanged
+    config_ib = _tiny("ib", tmp_path, f"model.fae.dinov2_checkpoint={ckpt}", *DINO_FIELDS,
+                      f"train.init_from={tmp_path / 'ia'}")
+    train(config_ib, tmp_path / "ib")
+    ib = restore_workdir(tmp_path / "ib", ema=False)
+    for part, same in (("pixel_decoder", True), ("discriminator", True), ("encoder", False)):
+        a, b = jax.tree.leaves(restored.params[part]), jax.tree.leaves(ib.params[part])
+        equal = all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+        assert equal == same, part
+    assert float(ib.extra["latent_stats"]["count"]) > 0  # computed at ib's last step
+
+
+def test_wrong_dinov2_variant_is_a_clear_error(tmp_path):
+    ckpt = _save_hf("registers", tmp_path / "dino_reg")
+    config = _tiny("ia", tmp_path, f"model.fae.dinov2_checkpoint={ckpt}", *DINO_FIELDS)
+    with pytest.raises(ValueError, match="num_register_tokens: checkpoint 4, expected 0"):
+        resolve_config(config)
+    giant = load_config(f"{FAE}:g14_256,ia", ["data.data_dir=/datasets/x", f"model.fae.dinov2_checkpoint={ckpt}"])
+    with pytest.raises(ValueError, match="hidden_size: checkpoint 32, expected 1536"):
+        resolve_config(giant)
+
+
+def test_fae_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="model.fae.stage='iii'"):
+        validate(_tiny("ia", tmp_path, "model.fae.stage=iii"))
+    with pytest.raises(ValueError, match="optim.ema_decay=0.9: must be 0 for model.family='fae'"):
+        validate(_tiny("ia", tmp_path, "optim.ema_decay=0.9"))
+    with pytest.raises(ValueError, match="model.fae.pixel_loss='l3'"):
+        validate(_tiny("ia", tmp_path, "model.fae.pixel_loss=l3"))
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        resolve_config(_tiny("ia", tmp_path, f"model.fae.dinov2_checkpoint={tmp_path / 'missing'}"))
+    from starflow2_jax.train.tasks import task_from_config
+
+    with pytest.raises(ValueError, match=r"model.fae: FAEConfig.image_size=30 \(the DINOv2 input size\) is not divisible"):
+        task_from_config(resolve_config(_tiny("ia", tmp_path, "model.fae.image_size=30")))
+
+
+def test_grey_batches_are_rejected_with_a_hint(tmp_path):
+    from starflow2_jax.train.tasks import task_from_config
+
+    task = task_from_config(resolve_config(_tiny("ia", tmp_path)))
+    with pytest.raises(ValueError, match="grey .*data.channels=3"):
+        task.prepare_batch({"image": np.zeros((2, 32, 32, 1), np.float32)})
+    with pytest.raises(ValueError, match="16x16: this FAE takes 32x32"):
+        task.prepare_batch({"image": np.zeros((2, 16, 16, 3), np.float32)})
