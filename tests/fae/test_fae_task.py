@@ -92,3 +92,26 @@ def test_grey_batches_are_rejected_with_a_hint(tmp_path):
         task.prepare_batch({"image": np.zeros((2, 32, 32, 1), np.float32)})
     with pytest.raises(ValueError, match="16x16: this FAE takes 32x32"):
         task.prepare_batch({"image": np.zeros((2, 16, 16, 3), np.float32)})
+
+
+def test_eval_step_and_prior_grid(tmp_path):
+    """eval_step gives the reconstruction errors of ``fae.api`` per example; the grid decodes prior
+    samples to images in [-1, 1] of the configured size."""
+    import flax.linen as nn
+
+    from starflow2_jax.fae import api as fae_api
+    from starflow2_jax.train.tasks import task_from_config
+
+    task = task_from_config(resolve_config(_tiny("ii", tmp_path)))
+    params, extra = task.init(jax.random.key(0))
+    params = nn.meta.unbox(params)
+    images = jax.random.uniform(jax.random.key(1), (3, 32, 32, 3), minval=-1, maxval=1)
+    got = task.eval_step(params, extra, {"image": images}, jax.random.key(2))
+    want = fae_api.reconstruction_errors(task.config, {"fae": params, "dinov2": extra["dinov2"]}, images)
+    assert set(got) == {"feature_mse", "pixel_mse", "pixel_mse_real"} and got["pixel_mse"].shape == (3,)
+    for name in got:
+        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), rtol=1e-6)
+    grid = task.sample_grid(params, extra, jax.random.key(3), guidance=0.0)
+    assert grid.images.shape == (task.per_class, 8, 32, 32, 3) and float(np.abs(grid.images).max()) <= 1.0
+    loss, metrics = task.loss(params, extra, {"image": images}, jax.random.key(4))
+    assert np.isfinite(float(loss)) and {"pixel", "perceptual", "gan_g", "gan_d", "lecam"} <= set(metrics)
