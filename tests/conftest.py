@@ -73,3 +73,22 @@ def tarflow_fixture(reference_dir: Path) -> dict[str, np.ndarray]:
 def starflow_fixture(reference_dir: Path) -> dict[str, np.ndarray]:
     """Returns every array of `apple_starflow_tiny.npz` (ml-starflow reference), keyed as in the file."""
     return _load_npz(reference_dir, "apple_starflow_tiny.npz")
+
+
+# ---- measured numbers in the run's summary ---------------------------------------------------------
+# A test that measures something worth reading (e.g. how much training lowered an error) records it
+# with ``record_property("summary", "text")``. Properties travel with the test reports, also from
+# pytest-xdist workers, so the controller prints them at the end of every run, passed or not.
+_SUMMARIES: list[tuple[str, str]] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        _SUMMARIES.extend((report.nodeid, str(v)) for k, v in report.user_properties if k == "summary")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SUMMARIES:
+        terminalreporter.section("measured")
+        for nodeid, text in _SUMMARIES:
+            terminalreporter.write_line(f"{nodeid}: {text}")

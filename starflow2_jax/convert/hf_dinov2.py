@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -39,6 +36,7 @@ from jax.sharding import SingleDeviceSharding
 from starflow2_jax.convert.hf_qwen import CONFIG_FILE, SINGLE_FILE, checkpoint_shards
 from starflow2_jax.convert.placement import ParamSink
 from starflow2_jax.convert.safetensors_file import SafetensorsFile
+from starflow2_jax.convert.staged_dir import check_export_target, staged_directory
 from starflow2_jax.fae.dinov2 import Dinov2Config, init_dinov2_boxed
 
 DTYPES = ("float32", "bfloat16")
@@ -229,16 +227,11 @@ def export_hf_dinov2(config: Dinov2Config, params, out_dir) -> Path:
     unexpected keys. Returns ``out_dir``; it appears complete or not at all (written beside it, then
     renamed) and must not exist or be empty (FileExistsError otherwise)."""
     config.validate()
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"export target {out_dir} exists and is not an empty directory")
+    out_dir = check_export_target(out_dir)
     from safetensors.numpy import save_file
 
     dtype = np.dtype(params["patch_embed"]["kernel"].dtype)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staged_directory(out_dir) as tmp:
         hf = dict(config.to_hf(), dtype="bfloat16" if dtype == jax.numpy.bfloat16 else str(dtype))
         (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
         tensors = {}
@@ -249,13 +242,4 @@ def export_hf_dinov2(config: Dinov2Config, params, out_dir) -> Path:
         if config.num_register_tokens:  # transformers' registers model always has one; its init value
             tensors[MASK_TOKEN] = np.zeros((1, config.hidden_size), dtype)
         save_file(tensors, str(tmp / SINGLE_FILE), metadata={"format": "pt"})
-        for path in tmp.iterdir():  # on disk before the rename makes the directory visible
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out_dir

@@ -13,9 +13,7 @@ temporary directory beside the target and renames it when complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 import flax.linen as nn
@@ -25,6 +23,7 @@ import numpy as np
 from starflow2_jax.convert.hf_qwen_layout import LM_HEAD, hub_key, hub_shapes, to_ours, to_torch
 from starflow2_jax.convert.placement import ParamSink
 from starflow2_jax.convert.safetensors_file import SafetensorsFile
+from starflow2_jax.convert.staged_dir import check_export_target, staged_directory
 from starflow2_jax.vlm.abstract import abstract_params, param_shardings
 from starflow2_jax.vlm.config import QwenVLConfig
 
@@ -162,9 +161,7 @@ def export_hf_qwen2_5_vl(config: QwenVLConfig, params, out_dir, *, max_shard_byt
     from this process. The directory appears complete or not at all (written beside it, then
     renamed); ``out_dir`` must not exist or be empty (FileExistsError otherwise).
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"export target {out_dir} exists and is not an empty directory")
+    out_dir = check_export_target(out_dir)
     missing = [part for part in ("text", "vision") if part not in params]
     if missing:
         raise ValueError(f"params lack {missing}: a Hugging Face checkpoint holds the text decoder and the "
@@ -174,10 +171,7 @@ def export_hf_qwen2_5_vl(config: QwenVLConfig, params, out_dir, *, max_shard_byt
     dtype = np.dtype(params["text"]["embed_tokens"].dtype)
     shapes = hub_shapes(config)
     plan = _shard_plan(shapes, dtype.itemsize, max_shard_bytes)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staged_directory(out_dir) as tmp:
         hf = config.to_hf_dict()
         hf["dtype"] = "bfloat16" if dtype == jax.numpy.bfloat16 else str(dtype)
         (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
@@ -195,13 +189,4 @@ def export_hf_qwen2_5_vl(config: QwenVLConfig, params, out_dir, *, max_shard_byt
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).is_file():
                     shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-        for path in tmp.iterdir():  # on disk before the rename makes the directory visible
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out_dir

@@ -33,7 +33,7 @@ def _held_out_images(data_dir, n=32):
     return np.stack([prep(source[int(i)], rng)["image"] for i in picks])
 
 
-def test_training_lowers_feature_and_pixel_error(trained_fae, capsys):
+def test_training_lowers_feature_and_pixel_error(trained_fae, record_property):
     workdirs, config, data_dir = trained_fae
     images = jnp.asarray(_held_out_images(data_dir))
     trained = latents_lib.load_fae_variables(workdirs["ii"])
@@ -45,10 +45,10 @@ def test_training_lowers_feature_and_pixel_error(trained_fae, capsys):
     errors = jax.jit(fae_api.reconstruction_errors, static_argnums=0)
     before = {k: float(jnp.mean(v)) for k, v in errors(fae_config, init_vars, images).items()}
     after = {k: float(jnp.mean(v)) for k, v in errors(fae_config, trained, images).items()}
-    with capsys.disabled():
-        print(f"\nFAE tiny, held-out tiles (seed 0): feature error (relative MSE) {before['feature_mse']:.4f} -> "
-              f"{after['feature_mse']:.4f}; pixel MSE {before['pixel_mse']:.4f} -> {after['pixel_mse']:.4f} "
-              f"(pixel decoder on real features {before['pixel_mse_real']:.4f} -> {after['pixel_mse_real']:.4f})")
+    record_property("summary", f"FAE tiny, held-out tiles (seed 0): feature error (relative MSE) "
+                    f"{before['feature_mse']:.4f} -> {after['feature_mse']:.4f}; pixel MSE {before['pixel_mse']:.4f} -> "
+                    f"{after['pixel_mse']:.4f} (pixel decoder on real features {before['pixel_mse_real']:.4f} -> "
+                    f"{after['pixel_mse_real']:.4f})")
     assert after["feature_mse"] < 0.5 * before["feature_mse"]
     assert after["pixel_mse"] < 0.5 * before["pixel_mse"]
     assert after["pixel_mse_real"] < 0.5 * before["pixel_mse_real"]
