@@ -42,7 +42,9 @@ def test_tiny_config_prints_one_json_line_beside_torch(capsys):
 def test_skip_torch_and_bad_arguments(capsys):
     record = run(capsys, "--skip-torch")
     assert record["torch_decode_tokens_per_s"] is None and record["tokens_match"] is None
-    assert record["jax_decode_tokens_per_s"] > 0
+    assert record["jax_prefill_tokens_per_s"] > 0  # ours is still measured
+    decode = record["jax_decode_tokens_per_s"]  # null when a loaded machine made generate ≤ prefill (see above)
+    assert decode is None or decode > 0
     with pytest.raises(SystemExit, match="--new-tokens=1"):
         bench_vlm.main(TINY + ["--new-tokens", "1"])
     with pytest.raises(SystemExit, match="--heads=3"):
