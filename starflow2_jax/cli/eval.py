@@ -1,6 +1,11 @@
-"""`starflow2 eval bpd --workdir DIR [--split test] [--num-samples K] [--out FILE.json]`: evaluations
-of a trained workdir. ``bpd``: bits/dim on a held-out split (see ``starflow2_jax.eval.bpd``), printed
-as one JSON object on stdout and written to ``--out`` when given."""
+"""Evaluations of a trained workdir, each printed as one JSON object on stdout and written to
+``--out`` when given:
+
+- `starflow2 eval bpd --workdir DIR [--split test] [--num-samples K] [--out FILE.json]`: a flow's
+  bits/dim on a held-out split (see ``starflow2_jax.eval.bpd``);
+- `starflow2 eval fae --workdir DIR [--split test] [--batch-size B] [--out FILE.json] [--grid FILE.png]`:
+  an FAE's reconstruction errors (feature / pixel MSE, PSNR) on a held-out split, and optionally a PNG
+  of originals / reconstructions (see ``starflow2_jax.eval.fae``)."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import json
 from starflow2_jax.cli.common import fail, note
 
 NAME = "eval"
-HELP = "evaluate a trained workdir (bpd: held-out bits/dim as JSON)"
+HELP = "evaluate a trained workdir (bpd: held-out bits/dim; fae: FAE reconstruction errors; as JSON)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,11 +35,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="use the EMA parameters when the run kept them (default: yes)")
     bpd.add_argument("--verbose", action="store_true", help="keep the INFO logs of Orbax, grain and TFDS")
 
+    fae = kinds.add_parser("fae", help="FAE reconstruction errors on a held-out split, as JSON",
+                           description="feature / pixel reconstruction errors and PSNR of an FAE workdir's latest "
+                                       "checkpoint on a split (every image once, raw parameters)",
+                           usage="starflow2 eval fae --workdir DIR [--split SPLIT] [--batch-size B] "
+                                 "[--out FILE.json] [--grid FILE.png] [--num-grid N]")
+    fae.add_argument("--workdir", required=True, metavar="DIR", help="an FAE training workdir (any stage)")
+    fae.add_argument("--split", default=None, help="split to score (default: the run's data.eval_split, 'test')")
+    fae.add_argument("--batch-size", type=int, default=None, metavar="B", help="default: the run's data.batch_size")
+    fae.add_argument("--out", default=None, metavar="FILE.json", help="also write the JSON here (atomically)")
+    fae.add_argument("--grid", default=None, metavar="FILE.png",
+                     help="write originals / reconstructions / pixel decoder on real features of the split's "
+                          "first images here (atomically)")
+    fae.add_argument("--num-grid", type=int, default=8, metavar="N", help="images in --grid (default 8)")
+    fae.add_argument("--verbose", action="store_true", help="keep the INFO logs of Orbax, grain and TFDS")
+
 
 def run(args: argparse.Namespace) -> int:
     from starflow2_jax.cli.common import setup_logging
 
     setup_logging(args.verbose)
+    if args.evaluation == "fae":
+        return _run_fae(args)
     from starflow2_jax.eval.bpd import evaluate_bpd
 
     try:
@@ -46,4 +68,21 @@ def run(args: argparse.Namespace) -> int:
     note(f"{result['bits_per_dim']:.4f} ± {result['std_error']:.4f} bits/dim on {result['num_images']} "
          f"{result['split']} images (step {result['step']}, {'EMA' if result['ema'] else 'raw'} params)"
          + (f" → {args.out}" if args.out else ""))
+    return 0
+
+
+def _run_fae(args: argparse.Namespace) -> int:
+    from starflow2_jax.eval.fae import evaluate_fae
+
+    try:
+        result = evaluate_fae(args.workdir, split=args.split, batch_size=args.batch_size, out=args.out,
+                              grid=args.grid, num_grid=args.num_grid)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        return fail(f"{NAME} {args.evaluation}", error)
+    print(json.dumps(result), flush=True)
+    written = [path for path in (args.out, args.grid) if path]
+    note(f"FAE stage {result['stage']} on {result['num_images']} {result['split']} images (step {result['step']}): "
+         f"pixel MSE {result['pixel_mse']:.5f} (PSNR {result['psnr']:.2f} dB), on real features "
+         f"{result['pixel_mse_real']:.5f}, feature error {result['feature_mse']:.4f}"
+         + (f" → {', '.join(written)}" if written else ""))
     return 0

@@ -235,6 +235,10 @@ def sample_from_workdir(workdir: os.PathLike | str, out: os.PathLike | str, *, l
     if restored is None and "://" not in os.fspath(workdir):
         workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
     restored = restored if restored is not None else restore_workdir(workdir, ema=ema)
+    if restored.config.model.family != "flow":
+        raise ValueError(f"--workdir {os.fspath(workdir)!r} holds a model.family={restored.config.model.family!r} "
+                         f"run; sampling needs a flow (an FAE is evaluated with `starflow2 eval fae`, and a flow "
+                         f"trained on its latents samples through it)")
     samples = generate(restored, label=label, prompt=prompt, guidance=guidance, jacobi=jacobi, num=num, seed=seed,
                        batch_size=batch_size)
     used_jacobi = restored.task.jacobi if isinstance(jacobi, str) else jacobi

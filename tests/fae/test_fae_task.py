@@ -58,6 +58,12 @@ def test_stage_loads_the_hf_dinov2_and_freezes_the_parts_it_does_not_train(tmp_p
         assert equal == same, part
     assert float(ib.extra["latent_stats"]["count"]) > 0  # computed at ib's last step
 
+    from starflow2_jax.train.generate import sample_from_workdir
+
+    with pytest.raises(ValueError, match="model.family='fae' run; sampling needs a flow"):
+        sample_from_workdir(tmp_path / "ib", tmp_path / "grid.png")
+    assert not (tmp_path / "grid.png").exists()
+
 
 def test_wrong_dinov2_variant_is_a_clear_error(tmp_path):
     ckpt = _save_hf("registers", tmp_path / "dino_reg")

@@ -1,0 +1,181 @@
+"""Held-out reconstruction errors of a trained FAE workdir: ``evaluate_fae(workdir)`` (``starflow2 eval fae``).
+
+Every image x of the split (pixels scaled to [−1, 1], no noise) goes once through the deterministic
+auto-encoder path of ``fae.api.reconstruction_errors`` — the task's ``eval_step``: frozen DINOv2
+features F, posterior mean μ = E(F), reconstructed features FD(μ), pixels PD(FD(μ)) — giving
+
+    feature_mse      ‖FD(μ) − F‖² / ‖F‖²   (per image; 1 = as bad as predicting 0)
+    pixel_mse        mean((PD(FD(μ)) − x)²)       the full auto-encoder
+    pixel_mse_real   mean((PD(F) − x)²)           the pixel decoder on the real features
+    psnr             10·log₁₀(4 / pixel_mse)      dB, peak-to-peak range 2 of [−1, 1] (pixel_mse floored at 1e-12)
+
+each averaged over the images. The split goes through the training data pipeline with
+``pad_remainder=True`` (no shuffling), so every image counts exactly once and the padding rows
+(``valid=False``) are discarded. Raw parameters are used (FAE runs keep no EMA). Any stage's
+workdir works (a stage-ia one has an untrained encoder and feature decoder, so its ``pixel_mse``
+is poor while ``pixel_mse_real`` is meaningful).
+
+``grid``: a PNG of the first ``num_grid`` images of the split (in split order), three rows —
+originals / full reconstructions PD(FD(μ)) / pixel decoder on the real features PD(F) — with
+1-pixel white gutters: ``(3·(S+1)+1) × (num_grid·(S+1)+1)`` pixels for S-pixel images. The
+posterior mean goes straight to the feature decoder (the latent statistics' normalisation of
+``FAESpace`` cancels in encode → decode), so the grid needs no latent statistics.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from starflow2_jax import parallel
+from starflow2_jax.eval.bpd import _check_int, _source
+from starflow2_jax.fae import api as fae_api
+from starflow2_jax.train import files
+from starflow2_jax.train import images as image_lib
+from starflow2_jax.train.restore import Restored, restore_workdir
+from starflow2_jax.train.step import make_eval_step
+
+METRICS = ("feature_mse", "pixel_mse", "pixel_mse_real")
+MSE_FLOOR = 1e-12  # psnr of a perfect reconstruction: 10·log10(4e12) ≈ 126 dB instead of inf
+
+
+def psnr(mse) -> np.ndarray:
+    """``10·log10(4 / mse)`` (dB) for MSEs of images in [−1, 1] (peak-to-peak 2), mse floored at 1e-12."""
+    return 10.0 * np.log10(4.0 / np.maximum(np.asarray(mse, np.float64), MSE_FLOOR))
+
+
+def _grid_rows(config, params, extra, images):
+    """``(B, S, S, 3)`` images → ``(full reconstruction, pixel decoder on real features)``, each clipped to [−1, 1]."""
+    feats = fae_api.encoder_features(config, extra["dinov2"], images)
+    mean, _ = fae_api.encode_features(config, params, feats)
+    full = fae_api.decode_pixels(config, params, fae_api.decode_features(config, params, mean))
+    real = fae_api.decode_pixels(config, params, feats)
+    return jnp.clip(full, -1.0, 1.0), jnp.clip(real, -1.0, 1.0)
+
+
+def _make_grid_step(restored: Restored):
+    task, mesh, shardings = restored.task, restored.mesh, restored.shardings
+    batch_sharding = NamedSharding(mesh, PartitionSpec(parallel.BATCH_AXES))
+    jitted = jax.jit(functools.partial(_grid_rows, task.config),
+                     in_shardings=(shardings.state.params, shardings.extra, batch_sharding),
+                     out_shardings=(batch_sharding, batch_sharding))
+
+    def rows(params, extra, images):
+        with parallel.activation_rules(mesh, task.rules):
+            return jitted(params, extra, images)
+
+    return rows
+
+
+def _gather(x, dtype):
+    if jax.process_count() > 1:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True), dtype)
+    return np.asarray(x, dtype)
+
+
+def fae_per_image(restored: Restored, workdir: os.PathLike | str, *, split: str, batch_size: int | None = None,
+                  num_grid: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None]:
+    """``(image indices (n,), {metric: per-image values (n,)}, grid (3, num_grid, S, S, 3) or None)``,
+    sorted by image index; the grid holds the first ``num_grid`` images in split order."""
+    from starflow2_jax.data.pipeline import make_pipeline
+    from starflow2_jax.data.preprocess import ImagePreprocess
+
+    config, task, mesh = restored.config, restored.task, restored.mesh
+    if config.model.family != "fae":
+        raise ValueError(f"FAE reconstruction errors need an FAE workdir (configs/fae.py); {os.fspath(workdir)!r} "
+                         f"is a model.family={config.model.family!r} run")
+    batch_size = _check_int("--batch-size", batch_size if batch_size is not None else int(config.data.batch_size), 1)
+    shards = parallel.axes_size(mesh, parallel.BATCH_AXES) * jax.process_count()
+    if batch_size % shards:
+        raise ValueError(f"--batch-size {batch_size}: must be a multiple of the {shards} batch shards here")
+    preprocess = ImagePreprocess(levels=int(config.data.levels), noise="none", random_caption=False,
+                                 image_size=int(config.data.image_size), channels=int(config.data.channels))
+    data = make_pipeline(_source(restored, split, workdir), batch_size=batch_size, seed=0, shuffle=False,
+                         preprocess=preprocess, num_epochs=1, drop_remainder=False, pad_remainder=True)
+    evaluate = make_eval_step(task, mesh, restored.shardings)
+    grid_step = _make_grid_step(restored) if num_grid else None
+    rng = jax.random.key(0)  # unused by the FAE's eval_step (deterministic)
+    values: dict[int, tuple[float, ...]] = {}
+    grid: list[list[np.ndarray]] = [[], [], []]
+    for batch in data:
+        valid = np.asarray(batch["valid"], bool)
+        index = np.asarray(batch["index"], np.int64)
+        prepared = parallel.shard_batch(task.prepare_batch(batch), mesh)
+        errors = evaluate(restored.params, restored.extra, prepared, rng)
+        errors = {k: _gather(errors[k], np.float64) for k in METRICS}
+        valid, index = _gather(valid, bool), _gather(index, np.int64)
+        if grid_step is not None and len(grid[0]) < num_grid:
+            full, real = grid_step(restored.params, restored.extra, prepared["image"])
+            originals = _gather(prepared["image"], np.float32)[valid]
+            full, real = _gather(full, np.float32)[valid], _gather(real, np.float32)[valid]
+            take = num_grid - len(grid[0])
+            for row, part in zip(grid, (originals, full, real)):
+                row.extend(part[:take])
+        for position in np.flatnonzero(valid):
+            i = int(index[position])
+            if i in values:
+                raise RuntimeError(f"image index {i} of split {split!r} was scored twice (duplicate 'index' values?)")
+            values[i] = tuple(float(errors[k][position]) for k in METRICS)
+    if not values:
+        raise ValueError(f"--split {split!r} is empty")
+    order = np.asarray(sorted(values), np.int64)
+    table = np.asarray([values[i] for i in order.tolist()], np.float64)
+    per_image = {k: table[:, j] for j, k in enumerate(METRICS)}
+    tiles = np.stack([np.stack(row) for row in grid]) if num_grid else None
+    return order, per_image, tiles
+
+
+def evaluate_fae(workdir: os.PathLike | str, *, split: str | None = None, batch_size: int | None = None,
+                 out: os.PathLike | str | None = None, grid: os.PathLike | str | None = None, num_grid: int = 8,
+                 restored: Restored | None = None) -> dict:
+    """Reconstruction errors of the FAE in the latest complete checkpoint of ``workdir`` on ``split``
+    (default the run's ``data.eval_split``); see the module docstring. Returns (and writes to ``out``,
+    atomically) a dict:
+
+        feature_mse, pixel_mse, pixel_mse_real, psnr (means over images), num_images, split, step,
+        stage, batch_size, checkpoint, workdir, seconds (and grid, the PNG's path, when written)
+
+    ``grid``: also write the originals / reconstructions PNG there (atomically). Both files are
+    written only once every number is computed and finite. Raises ValueError / FileNotFoundError
+    naming the bad argument, and RuntimeError when an image's error is not finite.
+    """
+    start = time.perf_counter()
+    if out is not None and not os.fspath(out).endswith(".json"):
+        raise ValueError(f"--out {os.fspath(out)!r}: expected a .json file name")
+    if grid is not None:
+        if not os.fspath(grid).endswith(".png"):
+            raise ValueError(f"--grid {os.fspath(grid)!r}: expected a .png file name")
+        num_grid = _check_int("--num-grid", num_grid, 1)
+    restored = restored if restored is not None else restore_workdir(workdir, ema=False)
+    split = split or str(restored.config.data.eval_split)
+    indices, per_image, tiles = fae_per_image(restored, workdir, split=split, batch_size=batch_size,
+                                              num_grid=num_grid if grid is not None else 0)
+    for name, value in per_image.items():
+        bad = indices[~np.isfinite(value)]
+        if bad.size:
+            raise RuntimeError(f"{name} is not finite for {bad.size} of {indices.size} images of split {split!r} "
+                               f"(indices {bad[:10].tolist()}{' …' if bad.size > 10 else ''})")
+    result = {name: float(value.mean()) for name, value in per_image.items()}
+    result.update({
+        "psnr": float(psnr(per_image["pixel_mse"]).mean()),
+        "num_images": int(indices.size), "split": split, "step": restored.step,
+        "stage": str(restored.config.model.fae.stage),
+        "batch_size": int(batch_size or restored.config.data.batch_size),
+        "checkpoint": restored.step_dir, "workdir": os.fspath(workdir),
+    })
+    if grid is not None:
+        result["grid"] = os.fspath(grid)
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    if jax.process_index() == 0:
+        if grid is not None:
+            image_lib.save_png(grid, image_lib.tile(image_lib.to_uint8(tiles)))
+        if out is not None:
+            files.write_json(out, result)
+    return result
