@@ -52,15 +52,18 @@ def init_boxed(config: FAEConfig, rng: jax.Array) -> dict:
     return {name: module.init(keys[name], inputs[name])["params"] for name, module in modules(config).items()}
 
 
-def encoder_features(config: FAEConfig, dinov2_params, images: jax.Array) -> jax.Array:
+def encoder_features(config: FAEConfig, dinov2_params, images: jax.Array, *,
+                     image_gradient: bool = False) -> jax.Array:
     """The frozen encoder's patch features (B, N, C) of ``images`` (resized to the DINOv2 input size
-    with antialiased bilinear interpolation when it differs from image_size)."""
+    with antialiased bilinear interpolation when it differs from image_size). DINOv2's weights never
+    get gradients; ``image_gradient=True`` lets gradients reach ``images`` (perceptual losses)."""
     check_images(config, images)
     x = images.astype(jnp.float32)
     s = config.input_size
     if s != config.image_size:
         x = jax.image.resize(x, (x.shape[0], s, s, 3), method="linear", antialias=True)
-    return jax.lax.stop_gradient(dinov2_features(config.dinov2, dinov2_params, x))
+    feats = dinov2_features(config.dinov2, jax.lax.stop_gradient(dinov2_params), x)
+    return feats if image_gradient else jax.lax.stop_gradient(feats)
 
 
 def encode_features(config: FAEConfig, fae_params, features: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -121,3 +121,26 @@ def test_eval_step_and_prior_grid(tmp_path):
     assert grid.images.shape == (task.per_class, 8, 32, 32, 3) and float(np.abs(grid.images).max()) <= 1.0
     loss, metrics = task.loss(params, extra, {"image": images}, jax.random.key(4))
     assert np.isfinite(float(loss)) and {"pixel", "perceptual", "gan_g", "gan_d", "lecam"} <= set(metrics)
+
+
+def test_perceptual_features_pass_gradients_to_images_only(tmp_path):
+    """The perceptual term must reach the pixel decoder (through the images) but never DINOv2."""
+    from starflow2_jax.fae import api as fae_api
+    from starflow2_jax.fae.losses import feature_distance
+    from starflow2_jax.train.tasks import task_from_config
+
+    task = task_from_config(resolve_config(_tiny("ia", tmp_path)))
+    _, extra = task.init(jax.random.key(0))
+    real = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
+    target = fae_api.encoder_features(task.config, extra["dinov2"], real)
+
+    def distance(images, dino, image_gradient):
+        feats = fae_api.encoder_features(task.config, dino, images, image_gradient=image_gradient)
+        return feature_distance(feats, target).sum()
+
+    fake = real[::-1]
+    g_img, g_dino = jax.grad(distance, argnums=(0, 1))(fake, extra["dinov2"], True)
+    assert float(np.abs(g_img).max()) > 0
+    assert all(float(np.abs(x).max()) == 0 for x in jax.tree.leaves(g_dino))
+    g_img_off = jax.grad(distance)(fake, extra["dinov2"], False)
+    assert float(np.abs(g_img_off).max()) == 0

@@ -39,7 +39,7 @@ from starflow2_jax.fae import api as fae_api
 from starflow2_jax.fae import losses
 from starflow2_jax.fae.config import FAEConfig
 from starflow2_jax.fae.discriminator import PatchDiscriminator
-from starflow2_jax.fae.dinov2 import Dinov2Config, dinov2_features, init_dinov2
+from starflow2_jax.fae.dinov2 import Dinov2Config, init_dinov2
 from starflow2_jax.fae.model import sample_latent
 from starflow2_jax.parallel import FAE_RULES
 from starflow2_jax.train.task import SampleGrid
@@ -172,7 +172,7 @@ class FAETask:
         total = terms["pixel"]
         if st.perceptual == "dinov2" and st.perceptual_weight > 0:
             real = fae_api.encoder_features(cfg, extra["dinov2"], images)
-            fake = self._features_with_grad(extra["dinov2"], recon)
+            fake = fae_api.encoder_features(cfg, extra["dinov2"], recon, image_gradient=True)
             terms["perceptual"] = losses.feature_distance(fake, real)
             total = total + st.perceptual_weight * terms["perceptual"]
         if st.gan_weight > 0:
@@ -188,13 +188,6 @@ class FAETask:
                 terms["lecam"] = losses.lecam(real_logits, fake_logits, *anchors)
                 total = total + st.lecam_weight * terms["lecam"]
         return total, terms
-
-    def _features_with_grad(self, dinov2_params, images):
-        cfg = self.config
-        x = images
-        if cfg.input_size != cfg.image_size:
-            x = jax.image.resize(x, (x.shape[0], cfg.input_size, cfg.input_size, 3), method="linear", antialias=True)
-        return dinov2_features(cfg.dinov2, jax.lax.stop_gradient(dinov2_params), x)
 
     def loss(self, params, extra, batch, rng):
         cfg, st = self.config, self.settings
