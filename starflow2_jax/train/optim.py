@@ -51,21 +51,41 @@ def make_optimizer(optim, total_steps: int, *, trainable: Callable[[Any], Any] |
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """``(clip → AdamW(β1, β2, eps, masked decay, schedule), schedule)`` from ``config.optim``.
 
-    ``trainable``: optional ``params -> bool tree`` (a task's ``trainable``); leaves marked False get
-    no optimiser state and a zero update (frozen parts of a multi-stage model), and the gradient
-    clip sees only the trainable leaves.
+    ``trainable``: optional ``params -> tree of labels`` (a task's ``trainable``): ``False`` marks a
+    frozen leaf (no optimiser state, zero update); any other label names an update group that gets
+    its own clip → AdamW chain, so groups never share a gradient-norm clip (e.g. an auto-encoder and
+    its GAN discriminator trained in the same step). ``True`` is one group.
     """
     schedule = learning_rate_schedule(optim, total_steps)
-    parts = []
-    if optim.clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(float(optim.clip_norm)))
-    parts.append(optax.adamw(schedule, b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps),
-                             weight_decay=float(optim.weight_decay), mask=decay_mask))
-    chain = optax.chain(*parts)
+
+    def chain() -> optax.GradientTransformation:
+        parts = []
+        if optim.clip_norm > 0:
+            parts.append(optax.clip_by_global_norm(float(optim.clip_norm)))
+        parts.append(optax.adamw(schedule, b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps),
+                                 weight_decay=float(optim.weight_decay), mask=decay_mask))
+        return optax.chain(*parts)
+
     if trainable is None:
-        return chain, schedule
-    labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen", trainable(params))  # noqa: E731
-    return optax.multi_transform({"train": chain, "frozen": optax.set_to_zero()}, labels), schedule
+        return chain(), schedule
+
+    def labels(params):
+        return jax.tree.map(lambda t: "frozen" if t is False else f"group:{t}", trainable(params))
+
+    def transforms(params) -> dict:
+        groups = sorted(set(jax.tree.leaves(labels(params))) - {"frozen"})
+        return {"frozen": optax.set_to_zero(), **{g: chain() for g in groups}}
+
+    # the groups are read off the params (init and update both get them; update must be given params)
+    def init(params):
+        return optax.multi_transform(transforms(params), labels).init(params)
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("this optimiser groups parameters by the task's trainable labels: pass params to update")
+        return optax.multi_transform(transforms(params), labels).update(updates, state, params)
+
+    return optax.GradientTransformation(init, update), schedule
 
 
 def guarded_update(optimizer: optax.GradientTransformation, grads, opt_state, params,

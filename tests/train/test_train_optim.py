@@ -86,3 +86,26 @@ def test_guarded_update_rejects_nonfinite():
     assert not bool(ok) and np.array_equal(new_params["w"], params["w"])  # loss flag false → rejected
     new_params, _, ok = guarded_update(optimizer, {"w": jnp.ones(3)}, state, params)
     assert bool(ok) and not np.array_equal(new_params["w"], params["w"])
+
+
+def test_trainable_groups_clip_separately_and_frozen_leaves_stay_put():
+    """Oracle: one plain optimiser per group, run on that group alone; the frozen leaf has no moments."""
+    config = tiny_config(**{"optim.warmup_steps": 0, "optim.lr": 0.1, "optim.weight_decay": 0.1, "optim.clip_norm": 1.0})
+    params = {"ae": {"kernel": jnp.ones((3, 2))}, "disc": {"kernel": jnp.ones((2, 2))}, "frozen": {"kernel": jnp.ones(4)}}
+    grads = {"ae": {"kernel": jnp.full((3, 2), 0.01)}, "disc": {"kernel": jnp.full((2, 2), 100.0)},
+             "frozen": {"kernel": jnp.ones(4)}}
+    trainable = lambda p: {"ae": jax.tree.map(lambda _: "ae", p["ae"]),  # noqa: E731
+                           "disc": jax.tree.map(lambda _: "disc", p["disc"]),
+                           "frozen": jax.tree.map(lambda _: False, p["frozen"])}
+    optimizer, _ = make_optimizer(config.optim, 10, trainable=trainable)
+    state = optimizer.init(params)
+    updates, _ = optimizer.update(grads, state, params)
+    plain, _ = make_optimizer(config.optim, 10)
+    for part in ("ae", "disc"):
+        want, _ = plain.update(grads[part], plain.init(params[part]), params[part])
+        np.testing.assert_allclose(np.asarray(updates[part]["kernel"]), np.asarray(want["kernel"]), rtol=1e-6)
+    assert float(jnp.abs(updates["frozen"]["kernel"]).max()) == 0.0
+    moments = [x for x in jax.tree.leaves(state) if getattr(x, "shape", None) == (4,)]
+    assert not moments, "the frozen leaf got optimiser state"
+    with pytest.raises(ValueError, match="pass params"):
+        optimizer.update(grads, state)

@@ -11,7 +11,8 @@ Stages (``model.fae.stage``), run in this order, each starting from the previous
 
 Parameters are always the union ``{'encoder', 'feature_decoder', 'pixel_decoder', 'discriminator'}``
 (so every stage restores the previous stage's tree as is); ``trainable`` tells the optimiser which
-parts a stage updates — the others get no moments and no updates. The frozen DINOv2 and the latent
+parts a stage updates — the others get no moments and no updates — and puts the discriminator in an
+update group of its own, so its gradients never shrink the generator's through a shared norm clip. The frozen DINOv2 and the latent
 statistics are ``extra_vars`` (``{'dinov2', 'latent_stats'}``), never optimised.
 
 Pixel stages: loss = pixel (L1 / L2 / both) + w_p·perceptual + w_g·hinge-GAN generator term, plus
@@ -142,9 +143,15 @@ class FAETask:
         return params, extra
 
     def trainable(self, params):
-        """A bool tree like ``params``: True for the parts this stage trains."""
+        """A tree like ``params`` of optimiser labels: False for the parts this stage freezes, else the
+        update group — the discriminator is its own group, so it never shares a gradient-norm clip
+        with the auto-encoder part it plays against."""
         parts = TRAINS[self.settings.stage]
-        return {name: jax.tree.map(lambda _: name in parts, sub) for name, sub in params.items()}
+
+        def label(name):
+            return False if name not in parts else ("discriminator" if name == "discriminator" else "autoencoder")
+
+        return {name: jax.tree.map(lambda _, n=name: label(n), sub) for name, sub in params.items()}
 
     def load_frozen(self, extra, shardings):
         """Fresh runs: replaces the random DINOv2 with ``dinov2_checkpoint``'s weights (if set)."""
