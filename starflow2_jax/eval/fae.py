@@ -39,7 +39,7 @@ from starflow2_jax.eval.bpd import _check_int, _source
 from starflow2_jax.fae import api as fae_api
 from starflow2_jax.train import files
 from starflow2_jax.train import images as image_lib
-from starflow2_jax.train.restore import Restored, restore_workdir
+from starflow2_jax.train.restore import Restored, latest_step_dir, read_step_config, restore_workdir
 from starflow2_jax.train.step import make_eval_step
 
 METRICS = ("feature_mse", "pixel_mse", "pixel_mse_real")
@@ -80,6 +80,13 @@ def _gather(x, dtype):
     return np.asarray(x, dtype)
 
 
+def check_fae_config(config, workdir: os.PathLike | str) -> None:
+    """Raises ValueError naming the family unless ``config`` is an FAE run's."""
+    if config.model.family != "fae":
+        raise ValueError(f"FAE reconstruction errors need an FAE workdir (configs/fae.py); {os.fspath(workdir)!r} "
+                         f"is a model.family={config.model.family!r} run")
+
+
 def fae_per_image(restored: Restored, workdir: os.PathLike | str, *, split: str, batch_size: int | None = None,
                   num_grid: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None]:
     """``(image indices (n,), {metric: per-image values (n,)}, grid (3, num_grid, S, S, 3) or None)``,
@@ -88,9 +95,7 @@ def fae_per_image(restored: Restored, workdir: os.PathLike | str, *, split: str,
     from starflow2_jax.data.preprocess import ImagePreprocess
 
     config, task, mesh = restored.config, restored.task, restored.mesh
-    if config.model.family != "fae":
-        raise ValueError(f"FAE reconstruction errors need an FAE workdir (configs/fae.py); {os.fspath(workdir)!r} "
-                         f"is a model.family={config.model.family!r} run")
+    check_fae_config(config, workdir)
     batch_size = _check_int("--batch-size", batch_size if batch_size is not None else int(config.data.batch_size), 1)
     shards = parallel.axes_size(mesh, parallel.BATCH_AXES) * jax.process_count()
     if batch_size % shards:
@@ -153,7 +158,9 @@ def evaluate_fae(workdir: os.PathLike | str, *, split: str | None = None, batch_
         if not os.fspath(grid).endswith(".png"):
             raise ValueError(f"--grid {os.fspath(grid)!r}: expected a .png file name")
         num_grid = _check_int("--num-grid", num_grid, 1)
-    restored = restored if restored is not None else restore_workdir(workdir, ema=False)
+    if restored is None:
+        check_fae_config(read_step_config(latest_step_dir(workdir)[1]), workdir)  # before loading any weights
+        restored = restore_workdir(workdir, ema=False)
     split = split or str(restored.config.data.eval_split)
     indices, per_image, tiles = fae_per_image(restored, workdir, split=split, batch_size=batch_size,
                                               num_grid=num_grid if grid is not None else 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,7 @@ def _config(spec: str, data_dir: str, init_from: str = ""):
     c.data.data_dir = data_dir
     c.train.async_checkpoint = False
     c.train.init_from = init_from
+    c.train.checkpoint_every = 0  # only the final step (4)
     return c
 
 
@@ -99,54 +101,77 @@ def _check_grid(path: str, images, full, real, n: int):
             assert np.abs(tile - expected).max() <= (0 if r == 0 else 1), (r, k)
 
 
-@pytest.mark.parametrize("stage", ["ib", "ia"])
-def test_eval_fae_matches_the_oracle(fae_workdirs, tmp_path, stage):
-    workdirs, data_dir = fae_workdirs
-    out, grid = tmp_path / "fae.json", tmp_path / "grid.png"
-    result = evaluate_fae(workdirs[stage], batch_size=64, out=out, grid=grid, num_grid=5)
-    expected, images, full, real = _oracle(workdirs[stage], data_dir)
-    print(f"stage {stage}: {result}")
+def _check_result(result, expected, workdir, stage, out):
     for name, value in expected.items():
         assert result[name] == pytest.approx(value, rel=1e-5), name
-    assert result["num_images"] == TEST_SPLIT_SIZE == len(images)
-    assert (result["split"], result["step"], result["stage"]) == ("test", 4, stage)
-    assert result["workdir"] == workdirs[stage]
+    assert result["num_images"] == TEST_SPLIT_SIZE
+    assert (result["split"], result["step"], result["stage"], result["workdir"]) == ("test", 4, stage, workdir)
     assert json.loads(out.read_text()) == result
-    _check_grid(os.fspath(grid), images, full, real, 5)
-    assert sorted(os.listdir(tmp_path)) == ["fae.json", "grid.png"]  # no temporary files left
 
 
-def test_eval_fae_refuses_a_flow_or_missing_workdir(fae_workdirs, tmp_path):
-    from starflow2_jax.train.loop import train
-
-    flow = os.fspath(tmp_path / "flow")
-    config = _config("demo.py:runlocal", os.fspath(tmp_path / "digits"))
-    config.train.steps = 1
-    config.train.checkpoint_every = 1
-    train(config, flow)
-    out, grid = tmp_path / "out" / "fae.json", tmp_path / "out" / "grid.png"
-    with pytest.raises(ValueError, match=r"model.family='flow'"):
-        evaluate_fae(flow, out=out, grid=grid)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        evaluate_fae(tmp_path / "missing", out=out, grid=grid)
-    with pytest.raises(ValueError, match="--split 'nope'"):
-        evaluate_fae(fae_workdirs[0]["ib"], split="nope", out=out, grid=grid)
-    assert not (tmp_path / "out").exists()
-
-
-def test_cli_eval_fae(fae_workdirs, tmp_path, capsys):
-    workdirs, _ = fae_workdirs
+def test_cli_eval_fae_matches_the_oracle(fae_workdirs, tmp_path, capsys):
+    """Stage ib (latent statistics computed) through ``starflow2 eval fae``: JSON on stdout and in --out."""
+    workdirs, data_dir = fae_workdirs
     out, grid = tmp_path / "fae.json", tmp_path / "grid.png"
     assert main(["eval", "fae", "--workdir", workdirs["ib"], "--batch-size", "64", "--out", os.fspath(out),
                  "--grid", os.fspath(grid)]) == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out.strip().splitlines()[-1])
-    assert result == json.loads(out.read_text())
-    assert result["num_images"] == TEST_SPLIT_SIZE and result["stage"] == "ib"
-    assert np.asarray(Image.open(grid)).shape == (3 * (S + 1) + 1, 8 * (S + 1) + 1, 3)
-    assert "PSNR" in captured.err and f"{TEST_SPLIT_SIZE} test images" in captured.err
+    expected, images, full, real = _oracle(workdirs["ib"], data_dir)
+    print(f"stage ib: {result}")
+    _check_result(result, expected, workdirs["ib"], "ib", out)
+    assert len(images) == TEST_SPLIT_SIZE
+    _check_grid(os.fspath(grid), images, full, real, 8)
+    assert f"{TEST_SPLIT_SIZE} test images" in captured.err and "PSNR" in captured.err
+    assert sorted(os.listdir(tmp_path)) == ["fae.json", "grid.png"]  # no temporary files left
 
+
+def test_eval_fae_stage_ia_without_latent_statistics(fae_workdirs, tmp_path):
+    """A stage-ia workdir (latent statistics never computed) evaluates too, grid included."""
+    workdirs, data_dir = fae_workdirs
+    out, grid = tmp_path / "fae.json", tmp_path / "grid.png"
+    result = evaluate_fae(workdirs["ia"], split="test", batch_size=64, out=out, grid=grid, num_grid=5)
+    expected, images, full, real = _oracle(workdirs["ia"], data_dir)
+    print(f"stage ia: {result}")
+    _check_result(result, expected, workdirs["ia"], "ia", out)
+    _check_grid(os.fspath(grid), images, full, real, 5)
+
+
+def _flow_workdir(fae_workdir: str, path: str) -> str:
+    """A workdir whose checkpoint stores the demo flow's config (configs/demo.py:runlocal, resolved as
+    the trainer stores it). Its weights are the FAE's: the refusal must come from the stored config,
+    before any weights are read (training a real flow here would double this file's run time)."""
+    from starflow2_jax.cli.config_loader import load_config
+    from starflow2_jax.train.config_schema import to_json_dict
+    from starflow2_jax.train.loop import resolve_config
+
+    step = os.path.join(path, "checkpoints", "4")
+    shutil.copytree(os.path.join(fae_workdir, "checkpoints", "4"), step)
+    config = load_config(os.path.join(REPO, "configs", "demo.py:runlocal"))
+    config.data.data_dir = os.path.join(path, "tfds")
+    with open(os.path.join(step, "config", "metadata"), "w") as f:
+        json.dump(to_json_dict(resolve_config(config)), f)
+    return path
+
+
+def test_eval_fae_refuses_a_flow_or_missing_workdir_and_writes_nothing(fae_workdirs, tmp_path, capsys):
+    workdirs, _ = fae_workdirs
+    flow = _flow_workdir(workdirs["ib"], os.fspath(tmp_path / "flow"))
+    out, grid = tmp_path / "out" / "fae.json", tmp_path / "out" / "grid.png"
+    with pytest.raises(ValueError, match=r"FAE workdir .* is a model.family='flow' run"):
+        evaluate_fae(flow, out=out, grid=grid)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluate_fae(tmp_path / "missing", out=out, grid=grid)
+    with pytest.raises(ValueError, match="--split 'nope'"):
+        evaluate_fae(workdirs["ib"], split="nope", out=out, grid=grid)
+    with pytest.raises(ValueError, match="--batch-size 12"):
+        evaluate_fae(workdirs["ib"], batch_size=12, out=out, grid=grid)
+    assert not (tmp_path / "out").exists()
+
+    assert main(["eval", "fae", "--workdir", flow, "--out", os.fspath(out)]) == 2
+    assert "starflow2 eval fae: error: FAE reconstruction errors need an FAE workdir" in capsys.readouterr().err
     assert main(["eval", "fae", "--workdir", os.fspath(tmp_path / "missing")]) == 2
     assert "starflow2 eval fae: error: --workdir" in capsys.readouterr().err
     assert main(["eval", "fae", "--workdir", workdirs["ib"], "--grid", "g.jpg"]) == 2
     assert "--grid 'g.jpg'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
