@@ -32,8 +32,9 @@ def check_images(config: FAEConfig, images) -> None:
         raise ValueError(f"FAE images have {c} channels ({kind}images): the FAE expects RGB images with 3 "
                          f"channels (for grey data set data.channels=3 to repeat the channel)")
     if (h, w) != (config.image_size, config.image_size):
+        g = config.grid
         raise ValueError(f"FAE images are {h}x{w}: this FAE takes {config.image_size}x{config.image_size} "
-                         f"(image_size; DINOv2 patch {config.dinov2.patch_size}, latent grid {config.grid}x{config.grid})")
+                         f"(image_size; DINOv2 patch {config.dinov2.patch_size}, latent grid {g}x{g})")
 
 
 def modules(config: FAEConfig) -> dict:

@@ -86,7 +86,7 @@ def test_fae_config_errors_name_the_field(tmp_path):
         resolve_config(_tiny("ia", tmp_path, f"model.fae.dinov2_checkpoint={tmp_path / 'missing'}"))
     from starflow2_jax.train.tasks import task_from_config
 
-    with pytest.raises(ValueError, match=r"model.fae: FAEConfig.image_size=30 \(the DINOv2 input size\) is not divisible"):
+    with pytest.raises(ValueError, match=r"FAEConfig.image_size=30 \(the DINOv2 input size\) is not divisible"):
         task_from_config(resolve_config(_tiny("ia", tmp_path, "model.fae.image_size=30")))
 
 

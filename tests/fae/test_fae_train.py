@@ -46,7 +46,8 @@ def test_training_lowers_feature_and_pixel_error(trained_fae, record_property):
     before = {k: float(jnp.mean(v)) for k, v in errors(fae_config, init_vars, images).items()}
     after = {k: float(jnp.mean(v)) for k, v in errors(fae_config, trained, images).items()}
     record_property("summary", f"FAE tiny, held-out tiles (seed 0): feature error (relative MSE) "
-                    f"{before['feature_mse']:.4f} -> {after['feature_mse']:.4f}; pixel MSE {before['pixel_mse']:.4f} -> "
+                    f"{before['feature_mse']:.4f} -> {after['feature_mse']:.4f}; "
+                    f"pixel MSE {before['pixel_mse']:.4f} -> "
                     f"{after['pixel_mse']:.4f} (pixel decoder on real features {before['pixel_mse_real']:.4f} -> "
                     f"{after['pixel_mse_real']:.4f})")
     assert after["feature_mse"] < 0.5 * before["feature_mse"]

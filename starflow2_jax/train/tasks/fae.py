@@ -3,17 +3,17 @@
 Stages (``model.fae.stage``), run in this order, each starting from the previous one's checkpoint
 (``train.init_from``), so the last checkpoint holds every part::
 
-    ia   pixel decoder (+ discriminator) on noisy real features F + σ·rms(F)·ε     trains pixel_decoder, discriminator
-    ib   encoder + feature decoder: ‖FD(z) − F‖² + β·KL(q(z|F) ‖ N(0, I))         trains encoder, feature_decoder
-         at its last step, the latent statistics (per-channel mean/std of the posterior means over
-         ``model.fae.stats_batches`` training batches) are computed and stored with the checkpoint
-    ii   pixel decoder (+ discriminator) fine-tuned on reconstructed features FD(E(F))  trains pixel_decoder, discriminator
+    ia   trains pixel_decoder, discriminator: the pixel decoder on noisy real features F + σ·rms(F)·ε
+    ib   trains encoder, feature_decoder: ‖FD(z) − F‖² + β·KL(q(z|F) ‖ N(0, I)); at its last step the
+         latent statistics (per-channel mean/std of the posterior means over ``model.fae.stats_batches``
+         training batches) are computed and stored with the checkpoint
+    ii   trains pixel_decoder, discriminator: the pixel decoder fine-tuned on reconstructed features FD(E(F))
 
 Parameters are always the union ``{'encoder', 'feature_decoder', 'pixel_decoder', 'discriminator'}``
 (so every stage restores the previous stage's tree as is); ``trainable`` tells the optimiser which
 parts a stage updates — the others get no moments and no updates — and puts the discriminator in an
-update group of its own, so its gradients never shrink the generator's through a shared norm clip. The frozen DINOv2 and the latent
-statistics are ``extra_vars`` (``{'dinov2', 'latent_stats'}``), never optimised.
+update group of its own, so its gradients never shrink the generator's through a shared norm clip.
+The frozen DINOv2 and the latent statistics are ``extra_vars`` (``{'dinov2', 'latent_stats'}``), never optimised.
 
 Pixel stages: loss = pixel (L1 / L2 / both) + w_p·perceptual + w_g·hinge-GAN generator term, plus
 the discriminator's hinge loss (+ w_lecam·LeCam) on detached reconstructions; generator and
