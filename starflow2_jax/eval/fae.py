@@ -7,7 +7,7 @@ features F, posterior mean μ = E(F), reconstructed features FD(μ), pixels PD(F
     feature_mse      ‖FD(μ) − F‖² / ‖F‖²   (per image; 1 = as bad as predicting 0)
     pixel_mse        mean((PD(FD(μ)) − x)²)       the full auto-encoder
     pixel_mse_real   mean((PD(F) − x)²)           the pixel decoder on the real features
-    psnr             10·log₁₀(4 / pixel_mse)      dB, peak-to-peak range 2 of [−1, 1] (pixel_mse floored at 1e-12)
+    psnr             10·log₁₀(4 / pixel_mse)      dB; peak-to-peak 2 on [−1, 1] (pixel_mse floored at 1e-12)
 
 each averaged over the images. The split goes through the training data pipeline with
 ``pad_remainder=True`` (no shuffling), so every image counts exactly once and the padding rows
@@ -52,7 +52,7 @@ def psnr(mse) -> np.ndarray:
 
 
 def _grid_rows(config, params, extra, images):
-    """``(B, S, S, 3)`` images → ``(full reconstruction, pixel decoder on real features)``, each clipped to [−1, 1]."""
+    """``(B, S, S, 3)`` images → ``(full reconstruction, pixel decoder on real features)``, clipped to [−1, 1]."""
     feats = fae_api.encoder_features(config, extra["dinov2"], images)
     mean, _ = fae_api.encode_features(config, params, feats)
     full = fae_api.decode_pixels(config, params, fae_api.decode_features(config, params, mean))

@@ -115,6 +115,8 @@ def test_train_sample_eval_end_to_end(tmp_path, capsys):
         assert re.search(pattern, err), err
     assert main(["eval", "bpd", "--workdir", workdir, "--split", "validation"]) == 2
     assert "--split 'validation'" in capsys.readouterr().err
+    assert main(["eval", "fae", "--workdir", workdir]) == 2  # a flow is not an FAE
+    assert "FAE reconstruction errors need an FAE workdir" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x.png") and not os.path.exists(tmp_path / "x.npz")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -137,29 +136,10 @@ def test_eval_fae_stage_ia_without_latent_statistics(fae_workdirs, tmp_path):
     _check_grid(os.fspath(grid), images, full, real, 5)
 
 
-def _flow_workdir(fae_workdir: str, path: str) -> str:
-    """A workdir whose checkpoint stores the demo flow's config (configs/demo.py:runlocal, resolved as
-    the trainer stores it). Its weights are the FAE's: the refusal must come from the stored config,
-    before any weights are read (training a real flow here would double this file's run time)."""
-    from starflow2_jax.cli.config_loader import load_config
-    from starflow2_jax.train.config_schema import to_json_dict
-    from starflow2_jax.train.loop import resolve_config
-
-    step = os.path.join(path, "checkpoints", "4")
-    shutil.copytree(os.path.join(fae_workdir, "checkpoints", "4"), step)
-    config = load_config(os.path.join(REPO, "configs", "demo.py:runlocal"))
-    config.data.data_dir = os.path.join(path, "tfds")
-    with open(os.path.join(step, "config", "metadata"), "w") as f:
-        json.dump(to_json_dict(resolve_config(config)), f)
-    return path
-
-
-def test_eval_fae_refuses_a_flow_or_missing_workdir_and_writes_nothing(fae_workdirs, tmp_path, capsys):
+def test_eval_fae_refuses_a_missing_workdir_or_bad_arguments_and_writes_nothing(fae_workdirs, tmp_path, capsys):
+    """(A flow workdir is refused in tests/cli/test_train_sample_eval.py, which trains one.)"""
     workdirs, _ = fae_workdirs
-    flow = _flow_workdir(workdirs["ib"], os.fspath(tmp_path / "flow"))
     out, grid = tmp_path / "out" / "fae.json", tmp_path / "out" / "grid.png"
-    with pytest.raises(ValueError, match=r"FAE workdir .* is a model.family='flow' run"):
-        evaluate_fae(flow, out=out, grid=grid)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         evaluate_fae(tmp_path / "missing", out=out, grid=grid)
     with pytest.raises(ValueError, match="--split 'nope'"):
@@ -168,8 +148,6 @@ def test_eval_fae_refuses_a_flow_or_missing_workdir_and_writes_nothing(fae_workd
         evaluate_fae(workdirs["ib"], batch_size=12, out=out, grid=grid)
     assert not (tmp_path / "out").exists()
 
-    assert main(["eval", "fae", "--workdir", flow, "--out", os.fspath(out)]) == 2
-    assert "starflow2 eval fae: error: FAE reconstruction errors need an FAE workdir" in capsys.readouterr().err
     assert main(["eval", "fae", "--workdir", os.fspath(tmp_path / "missing")]) == 2
     assert "starflow2 eval fae: error: --workdir" in capsys.readouterr().err
     assert main(["eval", "fae", "--workdir", workdirs["ib"], "--grid", "g.jpg"]) == 2
