@@ -172,15 +172,16 @@ class FAETask:
         fae_api.check_images(self.config, image)
         return {"image": image}
 
-    def _pixel_terms(self, params, extra, images, inputs):
+    def _pixel_terms(self, params, extra, images, feats, inputs):
+        """Pixel-stage loss of decoding ``inputs``; ``feats``: DINOv2 features of ``images`` (the
+        perceptual target, computed once per step)."""
         cfg, st = self.config, self.settings
         recon = fae_api.decode_pixels(cfg, params, inputs)
         terms = {"pixel": losses.pixel_reconstruction(recon, images, st.pixel_loss)}
         total = terms["pixel"]
         if st.perceptual == "dinov2" and st.perceptual_weight > 0:
-            real = fae_api.encoder_features(cfg, extra["dinov2"], images)
             fake = fae_api.encoder_features(cfg, extra["dinov2"], recon, image_gradient=True)
-            terms["perceptual"] = losses.feature_distance(fake, real)
+            terms["perceptual"] = losses.feature_distance(fake, feats)
             total = total + st.perceptual_weight * terms["perceptual"]
         if st.gan_weight > 0:
             d = params["discriminator"]
@@ -212,7 +213,7 @@ class FAETask:
                 frozen = jax.lax.stop_gradient(params)
                 mean, _ = fae_api.encode_features(cfg, frozen, feats)
                 inputs = fae_api.decode_features(cfg, frozen, mean)
-            total, terms = self._pixel_terms(params, extra, images, inputs)
+            total, terms = self._pixel_terms(params, extra, images, feats, inputs)
         metrics = {name: jnp.mean(value) for name, value in terms.items()}
         return jnp.mean(total), metrics
 
