@@ -144,3 +144,21 @@ def test_perceptual_features_pass_gradients_to_images_only(tmp_path):
     assert all(float(np.abs(x).max()) == 0 for x in jax.tree.leaves(g_dino))
     g_img_off = jax.grad(distance)(fake, extra["dinov2"], False)
     assert float(np.abs(g_img_off).max()) == 0
+
+
+def test_frozen_dinov2_is_sharded_by_the_rules(tmp_path):
+    """DINOv2 lives in extra_vars but is laid out like parameters: 'embed' over fsdp (not replicated)."""
+    from starflow2_jax import parallel
+    from starflow2_jax.train.optim import make_optimizer
+    from starflow2_jax.train.step import state_shardings
+    from starflow2_jax.train.tasks import task_from_config
+
+    config = resolve_config(_tiny("ia", tmp_path))
+    task = task_from_config(config)
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    optimizer, _ = make_optimizer(config.optim, 4, trainable=task.trainable)
+    shardings = state_shardings(task, optimizer, mesh, ema=False)
+    dino = shardings.extra["dinov2"]
+    sharded = [s for s in jax.tree.leaves(dino) if not s.is_fully_replicated]
+    assert len(sharded) >= len(jax.tree.leaves(dino)) // 2, "DINOv2 should be sharded like the parameters"
+    assert all(s.is_fully_replicated for s in jax.tree.leaves(shardings.extra["latent_stats"]))

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from starflow2_jax import flow
-from starflow2_jax.parallel import FLOW_RULES
+from starflow2_jax.parallel import FAE_RULES, FLOW_RULES
 from starflow2_jax.train.task import SampleGrid
 from starflow2_jax.train.tasks.vocab import WordVocab
 
@@ -88,6 +88,8 @@ class FlowTask:
         self.per_class = int(per_class)
         self.jacobi = jacobi
         self.latent_space = latent_space
+        if latent_space is not None and latent_space.kind == "fae":
+            self.rules = FLOW_RULES + tuple(r for r in FAE_RULES if r[0] not in dict(FLOW_RULES))  # + its names
         self.latent_noise_std = float(latent_noise_std)
         self.fae_workdir = fae_workdir
         if latent_space is not None:
@@ -249,8 +251,8 @@ class FlowTask:
 def _random_fae_variables(config, rng) -> dict:
     """Random FAE variables with the trained ones' structure (placeholders replaced by ``load_frozen``)."""
     from starflow2_jax.fae import api as fae_api
-    from starflow2_jax.fae.dinov2 import init_dinov2
+    from starflow2_jax.fae.dinov2 import init_dinov2_boxed
 
-    k_fae, k_dino = jax.random.split(rng)
-    return {"dinov2": init_dinov2(config.dinov2, k_dino), "fae": nn.meta.unbox(fae_api.init_boxed(config, k_fae)),
+    k_fae, k_dino = jax.random.split(rng)  # boxed: sharded by the flow's rules (the FAE uses the same names)
+    return {"dinov2": init_dinov2_boxed(config.dinov2, k_dino), "fae": fae_api.init_boxed(config, k_fae),
             "latent_stats": fae_api.empty_latent_stats(config)}
