@@ -12,6 +12,16 @@ Conventions:
   (replicated).
 - ``loss`` and ``eval_step`` are traced inside the loop's ``jax.jit`` (with the mesh and ``rules``
   active) on batches produced by ``prepare_batch`` and sharded over ``('data', 'fsdp')``.
+- ``extra_vars`` may also be boxed; they are then sharded by ``rules`` like parameters (e.g. a frozen
+  pretrained encoder).
+
+Optional hooks the loop calls when a task has them (``FAETask`` uses all three):
+- ``trainable(params) -> tree of labels``: False freezes a leaf (no optimiser state, no update);
+  other labels are update groups with their own clip + AdamW (``train.optim.make_optimizer``).
+- ``load_frozen(extra_vars, extra_shardings) -> extra_vars``: at a fresh start (not on resume, not
+  with ``train.init_from``), replaces initialised frozen variables with pretrained ones.
+- ``finalize(params, extra_vars, batches) -> extra_vars``: after the schedule's last step, before
+  the final checkpoint (e.g. statistics computed once from the trained model and stored with it).
 """
 
 from __future__ import annotations
