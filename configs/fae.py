@@ -31,10 +31,10 @@ reconstructed features, with the PatchGAN). ``runlocal`` shrinks any of them to 
 import ml_collections
 
 from starflow2_jax.cli.config_loader import ConfigError, parse_preset
-from starflow2_jax.train.config_schema import base_config
+from starflow2_jax.train.config_schema import FAE_STAGES, base_config
 
 SIZES = ("tiny", "g14_256")
-STAGES = ("ia", "ib", "ii")
+STAGES = FAE_STAGES
 PRESETS = tuple(f"{size},{stage}" for size in SIZES for stage in STAGES)
 
 

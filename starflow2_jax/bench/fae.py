@@ -4,8 +4,8 @@
     python -m starflow2_jax.bench.fae --config tiny [--batch B] [--steps S] [--repeats R]
         [--dtype float32|bfloat16] [--abstract] [--params-only] [--list]
 
-Model: a freshly initialised FAE (``fae.api.init_boxed``, unboxed) on a random DINOv2
-(``init_dinov2``), with latent statistics mean 0, std 1 and count 1 (so that they count as computed);
+Model: a freshly initialised FAE with its random DINOv2 (``fae.api.init_variables_boxed``, unboxed),
+with latent statistics mean 0, std 1 and count 1 (so that they count as computed);
 ``FAESpace(config)`` runs it. ``--dtype`` sets the compute dtype of both the DINOv2 and the FAE config
 (parameters stay float32); the default is the named config's. Inputs: ``--batch`` images uniform in
 [−1, 1] of the config's image size.
@@ -53,7 +53,7 @@ import numpy as np
 from starflow2_jax.bench import common
 from starflow2_jax.fae import api as fae_api
 from starflow2_jax.fae.config import FAEConfig
-from starflow2_jax.fae.dinov2 import Dinov2Config, init_dinov2, init_dinov2_boxed
+from starflow2_jax.fae.dinov2 import Dinov2Config
 from starflow2_jax.fae.latent_space import FAESpace, PatchesSpace
 
 STAGES = ("encode", "decode", "roundtrip")
@@ -123,20 +123,15 @@ def _init_fn(config: FAEConfig):
     """``key → {'dinov2', 'fae', 'latent_stats'}`` (plain arrays; stats count 1)."""
 
     def init(key):
-        k_dino, k_fae = jax.random.split(key)
-        stats = dict(fae_api.empty_latent_stats(config), count=jnp.ones((), jnp.float32))
-        return {"dinov2": nn.meta.unbox(init_dinov2_boxed(config.dinov2, k_dino)),
-                "fae": nn.meta.unbox(fae_api.init_boxed(config, k_fae)), "latent_stats": stats}
+        variables = nn.meta.unbox(fae_api.init_variables_boxed(config, key))
+        return dict(variables, latent_stats=dict(variables["latent_stats"], count=jnp.ones((), jnp.float32)))
 
     return init
 
 
 def init_variables(config: FAEConfig, key: jax.Array) -> dict:
-    """Random FAE variables for ``FAESpace(config)`` (DINOv2 via ``init_dinov2``)."""
-    k_dino, k_fae = jax.random.split(key)
-    fae = jax.jit(lambda k: nn.meta.unbox(fae_api.init_boxed(config, k)))(k_fae)
-    stats = dict(fae_api.empty_latent_stats(config), count=jnp.ones((), jnp.float32))
-    return {"dinov2": init_dinov2(config.dinov2, k_dino), "fae": fae, "latent_stats": stats}
+    """Random FAE variables for ``FAESpace(config)`` (statistics marked computed), jitted."""
+    return jax.jit(_init_fn(config))(key)
 
 
 def param_counts(variables) -> dict:

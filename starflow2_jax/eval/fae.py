@@ -9,9 +9,7 @@ features F, posterior mean μ = E(F), reconstructed features FD(μ), pixels PD(F
     pixel_mse_real   mean((PD(F) − x)²)           the pixel decoder on the real features
     psnr             10·log₁₀(4 / pixel_mse)      dB; peak-to-peak 2 on [−1, 1] (pixel_mse floored at 1e-12)
 
-each averaged over the images. The split goes through the training data pipeline with
-``pad_remainder=True`` (no shuffling), so every image counts exactly once and the padding rows
-(``valid=False``) are discarded. Raw parameters are used (FAE runs keep no EMA). Any stage's
+each averaged over the images; every image counts exactly once (``eval.scoring.score_split``). Raw parameters are used (FAE runs keep no EMA). Any stage's
 workdir works (a stage-ia one has an untrained encoder and feature decoder, so its ``pixel_mse``
 is poor while ``pixel_mse_real`` is meaningful).
 
@@ -31,16 +29,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from starflow2_jax import parallel
-from starflow2_jax.eval.bpd import _check_int, _source
+from starflow2_jax.eval.scoring import check_finite, check_int, gather, score_split
 from starflow2_jax.fae import api as fae_api
 from starflow2_jax.train import files
 from starflow2_jax.train import images as image_lib
 from starflow2_jax.train.restore import Restored, latest_step_dir, read_step_config, restore_workdir
-from starflow2_jax.train.step import make_eval_step
 
 METRICS = ("feature_mse", "pixel_mse", "pixel_mse_real")
 MSE_FLOOR = 1e-12  # psnr of a perfect reconstruction: 10·log10(4e12) ≈ 126 dB instead of inf
@@ -53,11 +49,8 @@ def psnr(mse) -> np.ndarray:
 
 def _grid_rows(config, params, extra, images):
     """``(B, S, S, 3)`` images → ``(full reconstruction, pixel decoder on real features)``, clipped to [−1, 1]."""
-    feats = fae_api.encoder_features(config, extra["dinov2"], images)
-    mean, _ = fae_api.encode_features(config, params, feats)
-    full = fae_api.decode_pixels(config, params, fae_api.decode_features(config, params, mean))
-    real = fae_api.decode_pixels(config, params, feats)
-    return jnp.clip(full, -1.0, 1.0), jnp.clip(real, -1.0, 1.0)
+    r = fae_api.reconstruct(config, {"fae": params, "dinov2": extra["dinov2"]}, images)
+    return jnp.clip(r["pixels"], -1.0, 1.0), jnp.clip(r["pixels_real"], -1.0, 1.0)
 
 
 def _make_grid_step(restored: Restored):
@@ -74,12 +67,6 @@ def _make_grid_step(restored: Restored):
     return rows
 
 
-def _gather(x, dtype):
-    if jax.process_count() > 1:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True), dtype)
-    return np.asarray(x, dtype)
-
-
 def check_fae_config(config, workdir: os.PathLike | str) -> None:
     """Raises ValueError naming the family unless ``config`` is an FAE run's."""
     if config.model.family != "fae":
@@ -91,35 +78,17 @@ def fae_per_image(restored: Restored, workdir: os.PathLike | str, *, split: str,
                   num_grid: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None]:
     """``(image indices (n,), {metric: per-image values (n,)}, grid (3, num_grid, S, S, 3) or None)``,
     sorted by image index; the grid holds the first ``num_grid`` images in split order."""
-    from starflow2_jax.data.pipeline import make_pipeline
-    from starflow2_jax.data.preprocess import ImagePreprocess
-
-    config, task, mesh = restored.config, restored.task, restored.mesh
-    check_fae_config(config, workdir)
-    batch_size = _check_int("--batch-size", batch_size if batch_size is not None else int(config.data.batch_size), 1)
-    shards = parallel.axes_size(mesh, parallel.BATCH_AXES) * jax.process_count()
-    if batch_size % shards:
-        raise ValueError(f"--batch-size {batch_size}: must be a multiple of the {shards} batch shards here")
-    preprocess = ImagePreprocess(levels=int(config.data.levels), noise="none", random_caption=False,
-                                 image_size=int(config.data.image_size), channels=int(config.data.channels))
-    data = make_pipeline(_source(restored, split, workdir), batch_size=batch_size, seed=0, shuffle=False,
-                         preprocess=preprocess, num_epochs=1, drop_remainder=False, pad_remainder=True)
-    evaluate = make_eval_step(task, mesh, restored.shardings)
+    check_fae_config(restored.config, workdir)
     grid_step = _make_grid_step(restored) if num_grid else None
-    rng = jax.random.key(0)  # unused by the FAE's eval_step (deterministic)
     values: dict[int, tuple[float, ...]] = {}
     grid: list[list[np.ndarray]] = [[], [], []]
-    for batch in data:
-        valid = np.asarray(batch["valid"], bool)
-        index = np.asarray(batch["index"], np.int64)
-        prepared = parallel.shard_batch(task.prepare_batch(batch), mesh)
-        errors = evaluate(restored.params, restored.extra, prepared, rng)
-        errors = {k: _gather(errors[k], np.float64) for k in METRICS}
-        valid, index = _gather(valid, bool), _gather(index, np.int64)
+    for scored in score_split(restored, workdir, split=split, batch_size=batch_size, noise="none"):
+        valid, index = scored.valid, scored.index
         if grid_step is not None and len(grid[0]) < num_grid:
-            full, real = grid_step(restored.params, restored.extra, prepared["image"])
-            originals = _gather(prepared["image"], np.float32)[valid]
-            full, real = _gather(full, np.float32)[valid], _gather(real, np.float32)[valid]
+            images = scored.prepared["image"]
+            full, real = grid_step(restored.params, restored.extra, images)
+            originals = gather(images, np.float32)[valid]
+            full, real = gather(full, np.float32)[valid], gather(real, np.float32)[valid]
             take = num_grid - len(grid[0])
             for row, part in zip(grid, (originals, full, real)):
                 row.extend(part[:take])
@@ -127,7 +96,7 @@ def fae_per_image(restored: Restored, workdir: os.PathLike | str, *, split: str,
             i = int(index[position])
             if i in values:
                 raise RuntimeError(f"image index {i} of split {split!r} was scored twice (duplicate 'index' values?)")
-            values[i] = tuple(float(errors[k][position]) for k in METRICS)
+            values[i] = tuple(float(scored.metrics[k][position]) for k in METRICS)
     if not values:
         raise ValueError(f"--split {split!r} is empty")
     order = np.asarray(sorted(values), np.int64)
@@ -157,7 +126,7 @@ def evaluate_fae(workdir: os.PathLike | str, *, split: str | None = None, batch_
     if grid is not None:
         if not os.fspath(grid).endswith(".png"):
             raise ValueError(f"--grid {os.fspath(grid)!r}: expected a .png file name")
-        num_grid = _check_int("--num-grid", num_grid, 1)
+        num_grid = check_int("--num-grid", num_grid, 1)
     if restored is None:
         check_fae_config(read_step_config(latest_step_dir(workdir)[1]), workdir)  # before loading any weights
         restored = restore_workdir(workdir, ema=False)
@@ -165,10 +134,7 @@ def evaluate_fae(workdir: os.PathLike | str, *, split: str | None = None, batch_
     indices, per_image, tiles = fae_per_image(restored, workdir, split=split, batch_size=batch_size,
                                               num_grid=num_grid if grid is not None else 0)
     for name, value in per_image.items():
-        bad = indices[~np.isfinite(value)]
-        if bad.size:
-            raise RuntimeError(f"{name} is not finite for {bad.size} of {indices.size} images of split {split!r} "
-                               f"(indices {bad[:10].tolist()}{' …' if bad.size > 10 else ''})")
+        check_finite(name, indices, value, split)
     result = {name: float(value.mean()) for name, value in per_image.items()}
     result.update({
         "psnr": float(psnr(per_image["pixel_mse"]).mean()),

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from starflow2_jax.fae.config import FAEConfig
-from starflow2_jax.fae.dinov2 import dinov2_features
+from starflow2_jax.fae.dinov2 import dinov2_features, init_dinov2_boxed
 from starflow2_jax.fae.model import FAEEncoder, FeatureDecoder, PixelDecoder
 
 PARTS = ("encoder", "feature_decoder", "pixel_decoder")
@@ -82,23 +82,36 @@ def decode_pixels(config: FAEConfig, fae_params, features: jax.Array) -> jax.Arr
     return PixelDecoder(config).apply({"params": fae_params["pixel_decoder"]}, features)
 
 
-def reconstruction_errors(config: FAEConfig, variables, images: jax.Array) -> dict[str, jax.Array]:
-    """Per-example errors of the deterministic auto-encoder path (posterior mean, no noise):
-
-    'feature_mse' ‖FD(E(F)) − F‖² / (N·C) relative to mean(F²) (a scale-free fraction, 1 = as bad as
-    predicting 0); 'pixel_mse' mean((PD(FD(E(F))) − x)²); 'pixel_mse_real' mean((PD(F) − x)²) (the
-    pixel decoder on the real features). Each (B,).
-    """
+def reconstruct(config: FAEConfig, variables, images: jax.Array) -> dict[str, jax.Array]:
+    """The deterministic auto-encoder path (posterior mean, no noise): 'features' F (B, N, C),
+    'features_rec' FD(E(F)) (B, N, C), 'pixels' PD(FD(E(F))) and 'pixels_real' PD(F) (the pixel
+    decoder on the real features), each (B, S, S, 3). ``variables``: ``{'dinov2', 'fae'}``."""
     fae = variables["fae"]
     feats = encoder_features(config, variables["dinov2"], images)
     mean, _ = encode_features(config, fae, feats)
     rec = decode_features(config, fae, mean)
-    axes = (1, 2)
-    feature = jnp.mean(jnp.square(rec - feats), axes) / jnp.mean(jnp.square(feats), axes)
-    pixels = decode_pixels(config, fae, rec)
-    real = decode_pixels(config, fae, feats)
-    return {"feature_mse": feature, "pixel_mse": jnp.mean(jnp.square(pixels - images), (1, 2, 3)),
-            "pixel_mse_real": jnp.mean(jnp.square(real - images), (1, 2, 3))}
+    return {"features": feats, "features_rec": rec, "pixels": decode_pixels(config, fae, rec),
+            "pixels_real": decode_pixels(config, fae, feats)}
+
+
+def reconstruction_errors(config: FAEConfig, variables, images: jax.Array) -> dict[str, jax.Array]:
+    """Per-example errors of ``reconstruct``: 'feature_mse' ‖FD(E(F)) − F‖² / (N·C) relative to
+    mean(F²) (a scale-free fraction, 1 = as bad as predicting 0); 'pixel_mse' mean((PD(FD(E(F))) − x)²);
+    'pixel_mse_real' mean((PD(F) − x)²). Each (B,).
+    """
+    r = reconstruct(config, variables, images)
+    feats, axes = r["features"], (1, 2)
+    feature = jnp.mean(jnp.square(r["features_rec"] - feats), axes) / jnp.mean(jnp.square(feats), axes)
+    return {"feature_mse": feature, "pixel_mse": jnp.mean(jnp.square(r["pixels"] - images), (1, 2, 3)),
+            "pixel_mse_real": jnp.mean(jnp.square(r["pixels_real"] - images), (1, 2, 3))}
+
+
+def init_variables_boxed(config: FAEConfig, rng: jax.Array) -> dict:
+    """Random variables of a whole FAE, ``{'dinov2', 'fae', 'latent_stats'}`` (the structure of a
+    trained one; statistics not computed), with boxed (logically named) DINOv2 and FAE parameters."""
+    k_fae, k_dino = jax.random.split(rng)
+    return {"dinov2": init_dinov2_boxed(config.dinov2, k_dino), "fae": init_boxed(config, k_fae),
+            "latent_stats": empty_latent_stats(config)}
 
 
 def empty_latent_stats(config: FAEConfig) -> dict[str, jax.Array]:

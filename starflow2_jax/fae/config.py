@@ -19,12 +19,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from starflow2_jax.fae.dinov2 import Dinov2Config
+from starflow2_jax.fae.dinov2 import DTYPES, Dinov2Config
 from starflow2_jax.nn.remat import REMAT_POLICIES
-
-DTYPES = ("float32", "bfloat16", "float16")
-PIXEL_LOSSES = ("l1", "l2", "l1+l2")
-PERCEPTUAL = ("dinov2", "none")
 
 
 @dataclasses.dataclass(frozen=True)

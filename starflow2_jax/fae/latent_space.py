@@ -49,6 +49,9 @@ class LatentSpace(Protocol):
     def decode(self, variables, latents: jax.Array) -> jax.Array:
         """(B, N, D) latents → (B, H, W, C) images."""
 
+    def init_variables(self, rng) -> dict:
+        """Variables of the right structure (boxed, random) for sharding and placeholders."""
+
 
 @dataclasses.dataclass(frozen=True)
 class PatchesSpace:
@@ -82,6 +85,7 @@ class PatchesSpace:
         return self.patch * self.patch * self.channels
 
     def init_variables(self, rng=None) -> dict:
+        """No parameters: ``{}``."""
         del rng
         return {}
 
@@ -123,6 +127,10 @@ class FAESpace:
     @property
     def latent_dim(self) -> int:
         return self.config.latent_dim
+
+    def init_variables(self, rng) -> dict:
+        """Random boxed variables of the trained ones' structure (placeholders until loaded)."""
+        return api.init_variables_boxed(self.config, rng)
 
     def encode(self, variables, images):
         feats = api.encoder_features(self.config, variables["dinov2"], images)

@@ -25,6 +25,8 @@
     model.latent.image_size   'patches': pixel size (0: kwargs.img_size); 'fae': filled from the FAE
     model.latent.channels     'patches': pixel channels (0: kwargs.in_channels); 'fae': 3
     model.latent.fae_workdir  'fae': the workdir of the FAE's last stage (its latest checkpoint is used)
+    model.latent.fae          'fae': the FAE's config (fae.fae_config_to_dict), filled by the trainer from
+                              fae_workdir, so a stored run describes its latent space without it
     model.latent.noise_std    Gaussian noise added to the latents in training (0: none)
     model.fae.stage           'ia' | 'ib' | 'ii' (see train.tasks.fae); run in that order with init_from
     model.fae.dinov2          dict of fae.Dinov2Config fields of the frozen encoder (with
@@ -82,13 +84,13 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from starflow2_jax.fae.losses import PIXEL_KINDS as PIXEL_LOSSES
 from starflow2_jax.nn.remat import REMAT_POLICIES
 
 FAMILIES = ("flow", "fae")
 FACTORIES = ("starflow", "tarflow")
 LATENTS = ("pixels", "patches", "fae")
-FAE_STAGES = ("ia", "ib", "ii")
-PIXEL_LOSSES = ("l1", "l2", "l1+l2")
+FAE_STAGES = ("ia", "ib", "ii")  # train.tasks.fae: pixel decoder, encoder + feature decoder, pixel fine-tune
 PERCEPTUAL = ("dinov2", "none")
 CONDITIONING = ("label", "caption", "none")
 BUILDERS = ("digits", "photos", "directory")
@@ -110,7 +112,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.conditioning = "none"
     c.model.text = ml_collections.ConfigDict(dict(max_len=8, dim=32, vocab=()))
     c.model.latent = ml_collections.ConfigDict(dict(kind="pixels", patch=0, image_size=0, channels=0,
-                                                    fae_workdir="", noise_std=0.0))
+                                                    fae_workdir="", fae=ml_collections.ConfigDict(),
+                                                    noise_std=0.0))
     c.model.fae = ml_collections.ConfigDict(dict(
         stage="ib", dinov2=ml_collections.ConfigDict(dict(
             hidden_size=32, num_layers=2, num_heads=4, mlp_ratio=4.0, patch_size=4, image_size=32)),
@@ -215,6 +218,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for field in ("patch", "image_size", "channels"):
         _int(config, f"model.latent.{field}", 0)
     _float(config, "model.latent.noise_std", 0.0)
+    if not hasattr(_get(config, "model.latent.fae"), "keys"):
+        raise ValueError(f"model.latent.fae={config.model.latent.fae!r}: expected a dict (the trainer fills it)")
     if family == "flow" and kind == "fae" and not _get(config, "model.latent.fae_workdir"):
         raise ValueError("model.latent.fae_workdir is empty: model.latent.kind='fae' needs the workdir of a "
                          "trained FAE (its last stage)")

@@ -3,7 +3,9 @@
 ``resolve_latent(config)`` rewrites a config in place so the stored config says exactly what the flow
 sees: the pixel view moves to ``model.latent.{image_size, channels, patch}`` and the flow's kwargs
 become the latent grid (``img_size`` = grid, ``in_channels`` = D, ``patch_size`` = 1). For 'fae' it
-also sets ``data.image_size`` / ``data.channels`` to what the FAE takes (3-channel, its image size).
+also sets ``data.image_size`` / ``data.channels`` to what the FAE takes (3-channel, its image size)
+and copies the FAE's config into ``model.latent.fae``, so the latent space is known from the config
+alone (the FAE workdir is read again only to load its weights at a run's first start).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import jax
 import ml_collections
 
-from starflow2_jax.fae.config import FAEConfig
+from starflow2_jax.fae.config import FAEConfig, fae_config_from_dict, fae_config_to_dict
 from starflow2_jax.fae.latent_space import FAESpace, PatchesSpace, check_latent_stats
 
 
@@ -57,6 +59,7 @@ def resolve_latent(config: ml_collections.ConfigDict) -> None:
                 raise ValueError(f"data.{field}={have}: the FAE in {lat.fae_workdir!r} takes {want} "
                                  f"(leave it 0 to have it set)")
             config.data[field] = want
+        lat.fae = ml_collections.ConfigDict(fae_config_to_dict(fae))
         space = FAESpace(fae)
     kw.img_size = space.grid[0]
     kw.in_channels = space.latent_dim
@@ -70,7 +73,10 @@ def latent_space_from(config: ml_collections.ConfigDict):
         return None
     if lat.kind == "patches":
         return PatchesSpace(int(lat.image_size), int(lat.image_size), int(lat.channels), int(lat.patch))
-    return FAESpace(fae_config_of_workdir(lat.fae_workdir))
+    if not lat.fae:
+        raise ValueError("model.latent.fae is empty: the config is not resolved (train.loop.resolve_config fills "
+                         "it from model.latent.fae_workdir)")
+    return FAESpace(fae_config_from_dict(lat.fae.to_dict()))
 
 
 def load_fae_variables(workdir: str, shardings=None) -> dict:

@@ -119,14 +119,14 @@ def _initial_state(config, task, optimizer, shardings, checkpointer, data_iter, 
         logging.info("resumed from %s at step %d", os.fspath(checkpointer.directory), latest)
         return state, extra
     state, extra = create_state(task, optimizer, shardings, jax.random.key(int(config.seed)), ema=ema)
-    if hasattr(task, "load_frozen") and not config.train.init_from:
-        extra = task.load_frozen(extra, shardings.extra)  # pretrained frozen parts (e.g. DINOv2)
-    if config.train.init_from:
-        params, extra = ckpt_lib.load_params(config.train.init_from, shardings.abstract_state.params,
-                                             shardings.abstract_extra)
-        state = state.replace(params=params,
-                              ema_params=jax.tree.map(lambda p: p.copy(), params) if ema else None)
-        logging.info("starting from the params of %s", config.train.init_from)
+    if not config.train.init_from:
+        if hasattr(task, "load_frozen"):
+            extra = task.load_frozen(extra, shardings.extra)  # pretrained frozen parts (e.g. DINOv2)
+        return state, extra
+    params, extra = ckpt_lib.load_params(config.train.init_from, shardings.abstract_state.params,
+                                         shardings.abstract_extra)
+    state = state.replace(params=params, ema_params=jax.tree.map(lambda p: p.copy(), params) if ema else None)
+    logging.info("starting from the params of %s", config.train.init_from)
     return state, extra
 
 

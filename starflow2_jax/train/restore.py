@@ -38,8 +38,8 @@ class Restored(NamedTuple):
     """What ``restore_workdir`` returns.
 
     config: the run's resolved config; task: its task (``FlowTask``, ``FAETask``); params / extra: the
-    restored trainable
-    parameters (EMA or raw, see ``used_ema``) and non-trainable variables, laid out on ``mesh``;
+    restored trainable parameters (EMA or raw, see ``used_ema``) and non-trainable variables, laid
+    out on ``mesh``;
     step: the checkpoint's step; step_dir: its directory; shardings: the state's shardings on ``mesh``.
     """
 

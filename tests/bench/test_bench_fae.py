@@ -121,7 +121,6 @@ def _no_concrete_init(*args, **kwargs):
 @pytest.mark.slow
 def test_g14_abstract_params_flops_and_memory(capsys, monkeypatch):
     monkeypatch.setattr(bench_fae, "init_variables", _no_concrete_init)
-    monkeypatch.setattr(bench_fae, "init_dinov2", _no_concrete_init)
     before = _live_bytes()
     assert bench_fae.main(["--config", "g14_256", "--abstract", "--batch", "8"]) == 0
     record = _one_record(capsys)
@@ -147,7 +146,6 @@ def test_g14_abstract_params_flops_and_memory(capsys, monkeypatch):
 
 def test_g14_params_only_on_cpu_is_abstract(capsys, monkeypatch):
     monkeypatch.setattr(bench_fae, "init_variables", _no_concrete_init)
-    monkeypatch.setattr(bench_fae, "init_dinov2", _no_concrete_init)
     assert bench_fae.main(["--config", "g14_256", "--params-only"]) == 0
     record = _one_record(capsys)
     assert record["abstract"] is True and all(record[stage] is None for stage in STAGES)

@@ -1,9 +1,8 @@
 """Concrete ``Task``s (see ``starflow2_jax.train.task``): flows, the FAE stages; STARFlow2 later."""
 
+from starflow2_jax.train.config_schema import FAMILIES
 from starflow2_jax.train.tasks.flow import FlowTask, flow_config_from
 from starflow2_jax.train.tasks.vocab import WordVocab
-
-FAMILIES = ("flow", "fae")
 
 
 def task_from_config(config):

@@ -41,12 +41,13 @@ from starflow2_jax.fae import api as fae_api
 from starflow2_jax.fae import losses
 from starflow2_jax.fae.config import FAEConfig
 from starflow2_jax.fae.discriminator import PatchDiscriminator
-from starflow2_jax.fae.dinov2 import Dinov2Config, init_dinov2_boxed
+from starflow2_jax.fae.dinov2 import Dinov2Config
 from starflow2_jax.fae.model import sample_latent
 from starflow2_jax.parallel import FAE_RULES
+from starflow2_jax.train.config_schema import FAE_STAGES
 from starflow2_jax.train.task import SampleGrid
 
-STAGES = ("ia", "ib", "ii")
+STAGES = FAE_STAGES
 TRAINS = {"ia": ("pixel_decoder", "discriminator"), "ib": ("encoder", "feature_decoder"),
           "ii": ("pixel_decoder", "discriminator")}
 FAE_FIELDS = ("image_size", "encoder_image_size", "latent_dim", "encoder_heads", "feature_decoder_width",
@@ -135,15 +136,14 @@ class FAETask:
 
     # ---- Task protocol ----------------------------------------------------------------------
     def init(self, rng):
-        k_fae, k_disc, k_dino = jax.random.split(rng, 3)
-        params = fae_api.init_boxed(self.config, k_fae)
+        k_fae, k_disc = jax.random.split(rng)
+        # boxed throughout: the loop shards the frozen DINOv2 by FAE_RULES like the trainable parts
+        # (FSDP over 'embed') instead of replicating 1.1 B parameters of DINOv2-g/14 on every device
+        variables = fae_api.init_variables_boxed(self.config, k_fae)
+        params = dict(variables["fae"])
         s = self.config.image_size
         params["discriminator"] = self.discriminator.init(k_disc, jnp.zeros((1, s, s, 3)))["params"]
-        # boxed: the loop shards the frozen encoder by FAE_RULES like the trainable parts (FSDP over
-        # 'embed'), instead of replicating 1.1 B parameters of DINOv2-g/14 on every device
-        extra = {"dinov2": init_dinov2_boxed(self.config.dinov2, k_dino),
-                 "latent_stats": fae_api.empty_latent_stats(self.config)}
-        return params, extra
+        return params, {"dinov2": variables["dinov2"], "latent_stats": variables["latent_stats"]}
 
     def trainable(self, params):
         """A tree like ``params`` of optimiser labels: False for the parts this stage freezes, else the

@@ -130,8 +130,10 @@ class FlowTask:
             table = jax.random.normal(k_text, (len(self.vocab), self.flow_config.text_dim), jnp.float32)
             params["text"] = {"embedding": nn.Partitioned(table, names=("vocab", "text_embed"))}
         extra = {name: value for name, value in variables.items() if name != "params"}
-        if self.latent_space is not None and self.latent_space.kind == "fae":
-            extra["latent"] = _random_fae_variables(self.latent_space.config, jax.random.fold_in(rng, 7))
+        if self.latent_space is not None:
+            latent = self.latent_space.init_variables(jax.random.fold_in(rng, 7))  # boxed: sharded by the rules
+            if latent:  # 'patches' has none
+                extra["latent"] = latent
         return params, extra
 
     def load_frozen(self, extra, shardings):
@@ -247,12 +249,3 @@ class FlowTask:
         """The flow's own variables (``{'params', 'prior'}``), without the latent space's."""
         return {"params": params["flow"], **{k: v for k, v in extra_vars.items() if k != "latent"}}
 
-
-def _random_fae_variables(config, rng) -> dict:
-    """Random FAE variables with the trained ones' structure (placeholders replaced by ``load_frozen``)."""
-    from starflow2_jax.fae import api as fae_api
-    from starflow2_jax.fae.dinov2 import init_dinov2_boxed
-
-    k_fae, k_dino = jax.random.split(rng)  # boxed: sharded by the flow's rules (the FAE uses the same names)
-    return {"dinov2": init_dinov2_boxed(config.dinov2, k_dino), "fae": fae_api.init_boxed(config, k_fae),
-            "latent_stats": fae_api.empty_latent_stats(config)}
