@@ -35,7 +35,7 @@ from jax.sharding import SingleDeviceSharding
 
 from starflow2_jax.convert.hf_qwen import CONFIG_FILE, SINGLE_FILE, checkpoint_shards
 from starflow2_jax.convert.placement import ParamSink
-from starflow2_jax.convert.safetensors_file import SafetensorsFile
+from starflow2_jax.convert.safetensors_file import SafetensorsFile, match_checkpoint_keys
 from starflow2_jax.convert.staged_dir import check_export_target, staged_directory
 from starflow2_jax.fae.dinov2 import Dinov2Config, init_dinov2_boxed
 
@@ -144,27 +144,15 @@ def check_expected(config: Dinov2Config, expect: Dinov2Config | Mapping[str, Any
 def _check_keys(model_dir: Path, files: list[SafetensorsFile], config: Dinov2Config, entries: dict) -> dict:
     """hub key → (file, stored name) for every needed key; ValueError listing every problem together."""
     prefix = BASE_PREFIXES[config.variant]
-    found, duplicates, unexpected, wrong_shape = {}, [], [], []
-    for file in files:
-        for name in file.names:
-            key = name[len(prefix):] if name.startswith(prefix) else name
-            if key == MASK_TOKEN or name.startswith(HEAD_PREFIX):
-                continue  # pre-training mask token / classification head: unused by the features
-            if key in found:
-                duplicates.append(f"{name} ({found[key][0].path.name} and {file.path.name})")
-            elif key not in entries:
-                unexpected.append(name)
-            elif file.shape(name) != entries[key][0]:
-                wrong_shape.append(f"{name}: {file.shape(name)} != {entries[key][0]}")
-            found[key] = (file, name)
-    missing = [k for k in entries if k not in found]
-    if missing or unexpected or wrong_shape or duplicates:
-        parts = [f"{len(v)} {what}: {v}" for what, v in (("missing", missing), ("unexpected", unexpected),
-                                                         ("with the wrong shape", wrong_shape),
-                                                         ("duplicated", duplicates)) if v]
-        raise ValueError(f"checkpoint {model_dir} does not match its config.json ({config.variant}, "
-                         f"{config.num_layers} layers, hidden {config.hidden_size}): " + "; ".join(parts))
-    return found
+
+    def key_of(name: str) -> str | None:
+        key = name[len(prefix):] if name.startswith(prefix) else name
+        if key == MASK_TOKEN or name.startswith(HEAD_PREFIX):
+            return None  # pre-training mask token / classification head: unused by the features
+        return key
+
+    return match_checkpoint_keys(model_dir, files, {k: v[0] for k, v in entries.items()}, key_of,
+                                 f"{config.variant}, {config.num_layers} layers, hidden {config.hidden_size}")
 
 
 def param_shardings(config: Dinov2Config, mesh=None, rules=None):

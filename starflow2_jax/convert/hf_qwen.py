@@ -22,7 +22,7 @@ import numpy as np
 
 from starflow2_jax.convert.hf_qwen_layout import LM_HEAD, hub_key, hub_shapes, to_ours, to_torch
 from starflow2_jax.convert.placement import ParamSink
-from starflow2_jax.convert.safetensors_file import SafetensorsFile
+from starflow2_jax.convert.safetensors_file import SafetensorsFile, match_checkpoint_keys
 from starflow2_jax.convert.staged_dir import check_export_target, staged_directory
 from starflow2_jax.vlm.abstract import abstract_params, param_shardings
 from starflow2_jax.vlm.config import QwenVLConfig
@@ -75,30 +75,13 @@ def read_config(model_dir, dtype: str = "float32") -> QwenVLConfig:
 
 def _check_keys(model_dir: Path, files: list[SafetensorsFile], config: QwenVLConfig) -> dict[str, tuple]:
     """hub key → (file, stored key) for every key the model needs; ValueError listing all problems."""
-    expected = hub_shapes(config)
-    found: dict[str, tuple[SafetensorsFile, str]] = {}
-    duplicates, unexpected, wrong_shape = [], [], []
-    for file in files:
-        for name in file.names:
-            key = hub_key(name)
-            if key == LM_HEAD and config.text.tie_word_embeddings:
-                continue  # tied: the head is the embedding (transformers ignores the tensor too)
-            if key in found:
-                duplicates.append(f"{name} ({found[key][0].path.name} and {file.path.name})")
-            elif key not in expected:
-                unexpected.append(name)
-            elif file.shape(name) != expected[key]:
-                wrong_shape.append(f"{name}: {file.shape(name)} != {expected[key]}")
-            found[key] = (file, name)
-    missing = [k for k in expected if k not in found]
-    if missing or unexpected or wrong_shape or duplicates:
-        parts = [f"{len(v)} {what}: {v}" for what, v in (("missing", missing), ("unexpected", unexpected),
-                                                         ("with the wrong shape", wrong_shape),
-                                                         ("duplicated", duplicates)) if v]
-        raise ValueError(f"checkpoint {model_dir} does not match its config.json "
-                         f"({config.text.num_layers} text layers, {config.vision.depth} vision layers): "
-                         + "; ".join(parts))
-    return found
+    def key_of(name: str) -> str | None:
+        key = hub_key(name)
+        # tied: the head is the embedding (transformers ignores the tensor too)
+        return None if key == LM_HEAD and config.text.tie_word_embeddings else key
+
+    return match_checkpoint_keys(model_dir, files, hub_shapes(config), key_of,
+                                 f"{config.text.num_layers} text layers, {config.vision.depth} vision layers")
 
 
 def load_hf_qwen2_5_vl(model_dir, dtype: str = "float32", *, mesh=None, rules=None):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -72,3 +73,32 @@ class SafetensorsFile:
     def close(self) -> None:
         """Drops the memory map (reading again reopens it)."""
         self._data = None
+
+
+def match_checkpoint_keys(model_dir, files: list[SafetensorsFile], expected: dict[str, tuple[int, ...]],
+                          key_of: Callable[[str], str | None], what: str) -> dict[str, tuple[SafetensorsFile, str]]:
+    """Checks a checkpoint's tensors against the keys and shapes its config implies, before any tensor
+    is read. ``expected``: key → shape; ``key_of(stored name)`` → key, or None for a tensor to skip.
+    Returns key → (file, stored name); raises ValueError listing every missing, unexpected, mis-shaped
+    and duplicated tensor together (``what`` describes the config in the message)."""
+    found: dict[str, tuple[SafetensorsFile, str]] = {}
+    duplicates, unexpected, wrong_shape = [], [], []
+    for file in files:
+        for name in file.names:
+            key = key_of(name)
+            if key is None:
+                continue
+            if key in found:
+                duplicates.append(f"{name} ({found[key][0].path.name} and {file.path.name})")
+            elif key not in expected:
+                unexpected.append(name)
+            elif file.shape(name) != expected[key]:
+                wrong_shape.append(f"{name}: {file.shape(name)} != {expected[key]}")
+            found[key] = (file, name)
+    missing = [k for k in expected if k not in found]
+    if missing or unexpected or wrong_shape or duplicates:
+        parts = [f"{len(v)} {kind}: {v}" for kind, v in (("missing", missing), ("unexpected", unexpected),
+                                                         ("with the wrong shape", wrong_shape),
+                                                         ("duplicated", duplicates)) if v]
+        raise ValueError(f"checkpoint {model_dir} does not match its config.json ({what}): " + "; ".join(parts))
+    return found
