@@ -166,10 +166,17 @@ class Checkpointer:
         self.manager.close()
 
 
+def absolute_path(path: os.PathLike | str) -> epath.Path:
+    """``path`` as Orbax needs it: absolute (``~`` expanded, relative to the working directory), URLs
+    such as ``gs://…`` unchanged."""
+    text = os.fspath(path)
+    return epath.Path(text if "://" in text else os.path.abspath(os.path.expanduser(text)))
+
+
 def resolve_step_dir(path: os.PathLike | str) -> epath.Path:
     """The step directory an ``init_from`` path names: a step dir (has ``state/``), a checkpoint root
-    (its latest complete step) or a workdir (``checkpoints/`` inside). Raises FileNotFoundError."""
-    path = epath.Path(path)
+    (its latest complete step) or a workdir (``checkpoints/`` inside); absolute. Raises FileNotFoundError."""
+    path = absolute_path(path)
     if (path / "state").exists():
         return path
     for root in (path / CHECKPOINT_SUBDIR, path):

@@ -59,8 +59,7 @@ def latest_step_dir(workdir: os.PathLike | str) -> tuple[int, epath.Path]:
 
     Raises FileNotFoundError naming the workdir when it or its checkpoints are missing.
     """
-    text = os.fspath(workdir)
-    workdir = epath.Path(text if "://" in text else os.path.abspath(os.path.expanduser(text)))  # Orbax: absolute
+    workdir = ckpt_lib.absolute_path(workdir)  # Orbax: absolute
     if not workdir.exists():
         raise FileNotFoundError(f"--workdir {os.fspath(workdir)!r} does not exist")
     root = workdir / ckpt_lib.CHECKPOINT_SUBDIR

@@ -138,14 +138,19 @@ def test_default_data_is_the_digits_pipeline(tmp_path):
     assert seen.shape == (16,) and len(set(seen.tolist())) == 16 and seen.min() >= 0 and seen.max() < 1797
 
 
-def test_init_from_another_run(tmp_path):
-    """An empty workdir with ``train.init_from`` starts from that run's params (fresh optimiser, step 0)."""
+def test_init_from_another_run(tmp_path, monkeypatch):
+    """An empty workdir with ``train.init_from`` starts from that run's params (fresh optimiser, step 0);
+    a path relative to the working directory works too (Orbax itself needs absolute ones)."""
     config = tiny_config(**{"train.steps": 2})
     source = train(config, tmp_path / "source", task=ToyTask(), data=pipeline(config))
     frozen = tiny_config(**{"train.steps": 2, "optim.lr": 0.0, "optim.min_lr": 0.0,
                             "train.init_from": str(tmp_path / "source")})
     started = train(frozen, tmp_path / "fine", task=ToyTask(), data=pipeline(frozen))
     assert started.step == 2  # counted from 0, not from the source's step
+    _assert_trees_equal(jax.device_get(started.state.params), jax.device_get(source.state.params))
+    monkeypatch.chdir(tmp_path)
+    relative = tiny_config(**{"train.steps": 2, "optim.lr": 0.0, "optim.min_lr": 0.0, "train.init_from": "source"})
+    started = train(relative, tmp_path / "fine_rel", task=ToyTask(), data=pipeline(relative))
     _assert_trees_equal(jax.device_get(started.state.params), jax.device_get(source.state.params))
     with pytest.raises(FileNotFoundError, match="init_from"):
         train(tiny_config(**{"train.init_from": str(tmp_path / "missing")}), tmp_path / "x", task=ToyTask(),
