@@ -19,8 +19,8 @@ Presets (``arg`` = ``size,stage[,runlocal]``):
   out; bfloat16 compute with 'dots' remat; data from a prepared TFDS directory.
 
 Measured (tiny, all three stages at their default steps: 2 min on 2 CPU cores; the 353 held-out
-tiles of the 'test' split): feature error (MSE / mean F²) 1.07 → 0.013, pixel MSE 0.99 → 0.0054
-(photo tiles only: 0.64 → 0.031, about 21 dB PSNR); digits dominate the split.
+tiles of the 'test' split): feature error (MSE / mean F²) 1.18 → 0.014, pixel MSE 0.99 → 0.0065
+(photo tiles only: 0.72 → 0.036, about 20.5 dB PSNR); digits dominate the split.
 
 Stages: ``ia`` (pixel decoder on noisy real features, σ = 0.4·RMS), ``ib`` (encoder + feature
 decoder, β = 1e-4; computes the latent statistics at its last step), ``ii`` (pixel decoder on
