@@ -129,7 +129,7 @@ def read_documents(path: str | os.PathLike) -> list[_Document]:
 
 
 class Starflow2Interleaved(tfds.core.GeneratorBasedBuilder):
-    """TFDS builder ``starflow2_interleaved``: interleaved text–image documents (module doc); ``InterleavedConfig``."""
+    """TFDS builder ``starflow2_interleaved``: text–image documents (module doc), ``InterleavedConfig``."""
 
     name = "starflow2_interleaved"
     VERSION = tfds.core.Version("1.0.0")

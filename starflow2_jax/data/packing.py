@@ -134,12 +134,17 @@ def _layout(documents: Sequence[Mapping[str, Any]], spec: PackingSpec) -> dict[s
             for name in (*spec.token_fields, *spec.image_fields)}
 
 
+def _shape(trailing: tuple) -> str:
+    """``(·, 16, 16, 3)``: a shape with its leading (per-document) axis left open."""
+    return "(" + ", ".join(("·", *map(str, trailing))) + ")"
+
+
 def _check_layout(document: Mapping[str, Any], layout: Mapping[str, tuple], where: str) -> None:
     for name, (dtype, trailing) in layout.items():
         value = np.asarray(document[name])
         if value.dtype != dtype or value.shape[1:] != trailing:
-            raise ValueError(f"{where}: field {name!r} is {value.dtype} (·, {', '.join(map(str, value.shape[1:]))}); "
-                             f"expected {dtype} (·, {', '.join(map(str, trailing))}) like the first document")
+            raise ValueError(f"{where}: field {name!r} is {value.dtype} {_shape(value.shape[1:])}; "
+                             f"expected {dtype} {_shape(trailing)} like the first document")
 
 
 def pack_documents(documents: Sequence[Mapping[str, Any]], spec: PackingSpec,

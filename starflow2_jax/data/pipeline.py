@@ -193,7 +193,8 @@ def make_packed_pipeline(
     """The grain ``IterDataset`` of this process's batches of packed rows of ``source``'s documents.
 
     ``MapDataset.source(src).seed(seed) → shuffle → random_map(preprocess) → [process_index::process_count]
-    → repeat(num_epochs) → to_iter_dataset → pack(spec) → batch(batch_size // process_count) [→ mp_prefetch]``.
+    → repeat(num_epochs) → to_iter_dataset → pack(spec) → batch(batch_size // process_count)
+    [→ mp_prefetch]``.
 
     ``preprocess(example, rng)`` must return a document for ``data.packing`` (a dict of numpy
     arrays with ``spec``'s fields), e.g. the model's sequence layout applied to
