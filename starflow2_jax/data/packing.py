@@ -19,13 +19,18 @@ A **row** holds documents 1..k of the stream, in order::
 Every field keeps the dtype and trailing shape of the first document; a later document that
 differs is an error naming the field (concatenation would silently change it).
 
-**Algorithm: greedy sequential (next-fit).** Documents are taken in stream order; a document joins
-the current row if its tokens and images both still fit, else the row is emitted (padded) and the
-document starts the next one. Why not first-fit over several open rows (better fill on mixed
-lengths): next-fit keeps the stream order (the shuffle seed alone decides which documents train
-together and when), holds at most one document back, emits each row as soon as it is full, and its
-resume state is just the upstream state before that one document, so a restored iterator
-reproduces the rows bit-exactly without a bin buffer in the checkpoint.
+**Algorithm: first-fit in rounds** (``PackingSpec.bins`` = k, default 16). Documents are read in
+stream order; each goes to the first of up to k open rows where its tokens and images both still
+fit, or opens a new row; when one fits none of k open rows, the round ends: its k rows are emitted
+(in the order they were opened, documents in stream order inside each) and that document starts
+the next round. Why: greedy sequential packing (k = 1, next-fit) fills only ~83-84% of the
+positions on mixed lengths (measured, L = 2048, lengths uniform in 50..1000 or log-normal with
+median 300), k = 16 fills 95-97% (offline first-fit-decreasing: 99.9%), while keeping what makes
+next-fit easy to trust: documents move at most a round away from their stream position (the shuffle
+seed still decides what trains when), memory is bounded by k rows, and the resume state is small
+and exact: the upstream state at the start of the round plus the number of its rows already
+returned; a restored iterator re-reads that round (at most k rows of documents), packs it again
+identically and skips the rows already returned.
 
 **Too long.** A document with more than ``L`` tokens or more than ``M`` images never fits:
 ``overflow='error'`` (default) raises ValueError naming its position in the stream, its length or
@@ -64,6 +69,7 @@ class PackingSpec:
       image_fields: ``{name: pad value}`` of the per-image fields (leading axis n).
       index_field: the per-token field (one of ``token_fields``) holding image indices, -1 for none.
       overflow: ``'error'`` or ``'drop'`` for a document that can never fit (module doc).
+      bins: rows packed at once (first-fit in rounds, module doc); 1 is greedy sequential (next-fit).
     """
 
     length: int
@@ -72,10 +78,12 @@ class PackingSpec:
     image_fields: Mapping[str, Any]
     index_field: str = "image_index"
     overflow: str = "error"
+    bins: int = 16
 
     def __post_init__(self):
         _positive_int("PackingSpec.length", self.length)
         _positive_int("PackingSpec.max_images", self.max_images)
+        _positive_int("PackingSpec.bins", self.bins)
         if not self.token_fields:
             raise ValueError("PackingSpec.token_fields is empty; expected {name: pad value} with the index field")
         if self.index_field not in self.token_fields:
@@ -211,29 +219,38 @@ def unpack_row(row: Mapping[str, np.ndarray], spec: PackingSpec) -> list[dict[st
 
 
 class _PackIterator(grain.DatasetIterator):
-    """Greedy sequential packing over a document iterator; state = upstream state before the held document."""
+    """First-fit packing in rounds over a document iterator (module doc); resumes by replaying one round."""
 
     def __init__(self, parent: grain.DatasetIterator, spec: PackingSpec):
         super().__init__(parent)
         self._spec = spec
         self._layout = None
-        self._held = None  # (document, size, upstream state before it, its stream position)
+        self._held = None  # (document, (T, n), its start state): read, but not yet placed in a row
         self._read = 0  # documents read from upstream (stream positions, for error messages)
         self._dropped = 0
+        self._ready = []  # the rows of the last round, in bin order
+        self._emitted = 0  # how many of them were returned
+        self._round = None  # the start state of the last round
+
+    def _start_state(self) -> dict[str, Any]:
+        """The state that replays the stream from the next unplaced document (the held one, if any)."""
+        if self._held is not None:
+            return dict(self._held[2])
+        return {"parent": self._parent.get_state(), "read": self._read, "dropped": self._dropped}
 
     def _next_document(self):
-        """``(document, (T, n), upstream state before it, position)`` of the next document that fits a row."""
+        """``(document, (T, n), start state)`` of the next document that fits a row; drops or raises on others."""
         while True:
-            state = self._parent.get_state()
+            state = self._start_state()
             document = next(self._parent)  # StopIteration ends the stream
-            position, self._read = self._read, self._read + 1
-            where = f"packing: document {position} of the stream"
+            where = f"packing: document {self._read} of the stream"
+            self._read += 1
             length, count = document_size(document, self._spec, where)
             if self._layout is None:
                 self._layout = _layout([document], self._spec)
             _check_layout(document, self._layout, where)
             if length <= self._spec.length and count <= self._spec.max_images:
-                return document, (length, count), state, position
+                return document, (length, count), state
             problem = (f"{length} tokens > row length {self._spec.length}" if length > self._spec.length
                        else f"{count} images > max_images {self._spec.max_images}")
             if self._spec.overflow == "error":
@@ -242,36 +259,58 @@ class _PackIterator(grain.DatasetIterator):
             self._dropped += 1
             logging.warning("%s: %s; dropped (%d dropped so far)", where, problem, self._dropped)
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        documents, tokens, images = [], 0, 0
+    def _pack_round(self) -> list[dict[str, np.ndarray]]:
+        """The rows of one round: documents go to the first open bin they fit; the round ends when one fits
+        none of ``spec.bins`` bins (it is held for the next round) or the stream ends."""
+        bins = []  # [documents, tokens, images]
         while True:
             if self._held is None:
                 try:
                     self._held = self._next_document()
                 except StopIteration:
-                    if documents:
-                        break
-                    raise
-            document, (length, count), _, _ = self._held
-            if tokens + length > self._spec.length or images + count > self._spec.max_images:
-                break  # the held document starts the next row
-            documents.append(document)
-            tokens, images = tokens + length, images + count
+                    break
+            document, (length, count), _ = self._held
+            for row in bins:
+                if row[1] + length <= self._spec.length and row[2] + count <= self._spec.max_images:
+                    row[0].append(document)
+                    row[1], row[2] = row[1] + length, row[2] + count
+                    break
+            else:
+                if len(bins) == self._spec.bins:
+                    break
+                bins.append([[document], length, count])
             self._held = None
-        return pack_documents(documents, self._spec, self._layout)
+        return [pack_documents(documents, self._spec, self._layout) for documents, _, _ in bins]
+
+    def _next_round(self, skip: int = 0) -> None:
+        start = self._start_state()
+        self._ready, self._round, self._emitted = self._pack_round(), start, skip
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._emitted == len(self._ready):
+            self._next_round()
+            if not self._ready:
+                raise StopIteration
+        self._emitted += 1
+        return self._ready[self._emitted - 1]
 
     def get_state(self) -> dict[str, Any]:
-        if self._held is not None:
-            _, _, upstream, position = self._held
-            return {"parent": upstream, "read": position, "dropped": self._dropped}
-        return {"parent": self._parent.get_state(), "read": self._read, "dropped": self._dropped}
+        if self._emitted < len(self._ready):
+            return {**self._round, "emitted": self._emitted}
+        return {**self._start_state(), "emitted": 0}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         self._parent.set_state(state["parent"])
         self._read, self._dropped, self._held = int(state["read"]), int(state["dropped"]), None
+        self._ready, self._round, self._emitted = [], None, 0
+        if state["emitted"]:  # in the middle of a round: pack it again, skip the rows already returned
+            self._next_round(int(state["emitted"]))
+            if self._emitted > len(self._ready):
+                raise ValueError(f"packing: the state says {self._emitted} rows of this round were returned, but "
+                                 f"replaying it gives {len(self._ready)}; the state is from other data or settings")
 
     def __str__(self) -> str:
-        return f"PackIterator(length={self._spec.length}, max_images={self._spec.max_images})"
+        return f"PackIterator(length={self._spec.length}, max_images={self._spec.max_images}, bins={self._spec.bins})"
 
 
 class PackIterDataset(grain.IterDataset):

@@ -193,8 +193,8 @@ def make_packed_pipeline(
     """The grain ``IterDataset`` of this process's batches of packed rows of ``source``'s documents.
 
     ``MapDataset.source(src).seed(seed) → shuffle → random_map(preprocess) → [process_index::process_count]
-    → repeat(num_epochs) → to_iter_dataset → pack(spec) → batch(batch_size // process_count)
-    [→ mp_prefetch]``.
+    → repeat(num_epochs) → to_iter_dataset [→ mp_prefetch] → pack(spec)
+    → batch(batch_size // process_count)``.
 
     ``preprocess(example, rng)`` must return a document for ``data.packing`` (a dict of numpy
     arrays with ``spec``'s fields), e.g. the model's sequence layout applied to
@@ -203,8 +203,10 @@ def make_packed_pipeline(
     epoch still goes to exactly one process. A batch is the stacked rows: each field of
     ``data.packing``'s row with a leading axis ``batch_size // process_count``. Rows run across
     epoch boundaries; with ``num_epochs`` set, the last rows are emitted when the documents run out
-    and ``drop_remainder`` drops a last, short batch. Other arguments as ``make_pipeline``;
-    ``get_state()/set_state()`` on the iterator resume exactly.
+    and ``drop_remainder`` drops a last, short batch. ``worker_count`` > 0 runs the preprocessing
+    (decoding, layout) in worker processes; the packing stays in this process, so the rows are the
+    same for any ``worker_count``. Other arguments as ``make_pipeline``; ``get_state()/set_state()``
+    on the iterator resume exactly.
     """
     caller = "make_packed_pipeline"
     batch_size, seed, num_epochs, process_index, process_count, worker_count = _check_common(
@@ -222,8 +224,7 @@ def make_packed_pipeline(
     if shuffle:
         dataset = dataset.shuffle()
     dataset = dataset.random_map(preprocess)[process_index::process_count].repeat(num_epochs)
-    iter_dataset = PackIterDataset(dataset.to_iter_dataset(read_options or grain.ReadOptions()), spec)
-    iter_dataset = iter_dataset.batch(batch_size // process_count, drop_remainder=drop_remainder)
-    if worker_count > 0:
-        iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return iter_dataset
+    documents = dataset.to_iter_dataset(read_options or grain.ReadOptions())
+    if worker_count > 0:  # workers preprocess documents; packing stays in this process, so rows do not
+        documents = documents.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))  # depend on it
+    return PackIterDataset(documents, spec).batch(batch_size // process_count, drop_remainder=drop_remainder)

@@ -1,4 +1,4 @@
-"""Packing documents into rows: a hand-written row, greedy order, unpacking, limits, errors, exact resume."""
+"""Packing documents into rows: hand-written rows (next-fit, first-fit), unpacking, limits, errors, exact resume."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from starflow2_jax.data import PackingSpec, make_packed_pipeline, pack, pack_doc
 
 SPEC = PackingSpec(length=8, max_images=4,
                    token_fields={"tokens": 0, "positions": -7, "image_index": -1, "text_loss": False},
-                   image_fields={"images": 0.5, "image_target": False})
+                   image_fields={"images": 0.5, "image_target": False}, bins=1)
 
 
 def _document(tokens, image_index, images, targets, positions=None):
@@ -67,7 +67,7 @@ def test_unpacking_by_segment_gives_the_originals_back():
     assert len(alone) == 1 and _equal(alone[0], B)
 
 
-def test_greedy_sequential_rows_and_image_limit():
+def test_greedy_sequential_rows_and_image_limit():  # SPEC.bins = 1
     # tokens: 3+4 fit (7), +2 would be 9 > 8 → new row; 2+6 = 8 fills it; then 1.
     docs = [_sized(3, 0), _sized(4, 0, 10), _sized(2, 0, 20), _sized(6, 0, 30), _sized(1, 0, 40)]
     rows = list(pack(grain.MapDataset.source(docs), SPEC))
@@ -79,6 +79,21 @@ def test_greedy_sequential_rows_and_image_limit():
     assert rows[1]["image_index"].tolist() == [0, 1, 2, -1, -1, -1, -1, -1]
 
 
+def test_first_fit_rounds_fill_earlier_rows():
+    # bins=2: 5 → row 1; 6 does not fit row 1 → row 2; 3 → row 1 (8); 2 → row 2 (8); 4 fits neither: round
+    # ends, rows 1 and 2 are emitted and 4 opens the next round, where 1 joins it; then the stream ends.
+    docs = [_sized(5, 0, 10), _sized(6, 0, 20), _sized(3, 1, 30), _sized(2, 0, 40), _sized(4, 0, 50),
+            _sized(1, 1, 60)]
+    rows = list(pack(grain.MapDataset.source(docs), PackingSpec(**{**SPEC.__dict__, "bins": 2})))
+    assert [row["tokens"].tolist() for row in rows] == [
+        [10, 11, 12, 13, 14, 30, 31, 32], [20, 21, 22, 23, 24, 25, 40, 41], [50, 51, 52, 53, 60, 0, 0, 0]]
+    assert [row["segment_ids"].tolist() for row in rows] == [
+        [1, 1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 1, 2, 2], [1, 1, 1, 1, 2, 0, 0, 0]]
+    assert rows[0]["image_index"].tolist() == [-1] * 5 + [0, -1, -1]
+    assert rows[2]["image_index"].tolist() == [-1] * 4 + [0, -1, -1, -1]
+    assert rows[2]["images"][0].ravel().tolist() == [60] * 4
+
+
 def test_packed_stream_unpacks_to_the_document_stream():
     rng = np.random.default_rng(0)
     docs = [_sized(int(rng.integers(1, 9)), 0, 100 * i) for i in range(30)]
@@ -86,6 +101,10 @@ def test_packed_stream_unpacks_to_the_document_stream():
             for i, d in enumerate(docs)]
     unpacked = [doc for row in pack(grain.MapDataset.source(docs), SPEC) for doc in unpack_row(row, SPEC)]
     assert len(unpacked) == len(docs) and all(_equal(a, b) for a, b in zip(unpacked, docs))
+    first_fit = PackingSpec(**{**SPEC.__dict__, "bins": 4})  # reorders between rows: compare by first token
+    unpacked = [doc for row in pack(grain.MapDataset.source(docs), first_fit) for doc in unpack_row(row, SPEC)]
+    by_first = {int(doc["tokens"][0]): doc for doc in unpacked}
+    assert len(unpacked) == len(by_first) == len(docs) and all(_equal(by_first[int(d["tokens"][0])], d) for d in docs)
 
 
 def test_too_long_documents_raise_or_are_dropped_and_counted():
@@ -145,23 +164,45 @@ def _noisy_layout(example, rng):
     return document
 
 
-def test_iterator_state_resumes_exactly_and_is_json():
+@pytest.mark.parametrize("bins, steps, emitted", [(1, 7, 0), (3, 6, 0), (3, 7, 2)])
+def test_iterator_state_resumes_exactly_and_is_json(bins, steps, emitted):
+    """Resume at a round boundary and in the middle of a round (``emitted`` rows of it already returned)."""
     rng = np.random.default_rng(1)
     source = [{"length": int(rng.integers(1, 9)), "count": 0, "first": 100 * i} for i in range(40)]
     for example in source:
         example["count"] = int(rng.integers(0, min(example["length"], 4) + 1))
-    dataset = make_packed_pipeline(source, spec=SPEC, batch_size=2, seed=5, shuffle=True, preprocess=_noisy_layout,
-                                   num_epochs=None, process_index=0, process_count=1)
+    dataset = make_packed_pipeline(source, spec=PackingSpec(**{**SPEC.__dict__, "bins": bins}), batch_size=2,
+                                   seed=5, shuffle=True, preprocess=_noisy_layout, num_epochs=None,
+                                   process_index=0, process_count=1)
     iterator = iter(dataset)
-    for _ in range(7):
+    for _ in range(steps):
         next(iterator)
     state = json.loads(json.dumps(iterator.get_state()))  # grain checkpoints store the state as JSON
+    assert state["emitted"] == emitted
     expected = [next(iterator) for _ in range(30)]  # crosses epoch boundaries (40 documents ≈ 12 batches)
     resumed = iter(dataset)
     resumed.set_state(state)
     for want, got in zip(expected, [next(resumed) for _ in range(30)]):
         assert _equal(want, got)
     assert expected[0]["tokens"].shape == (2, 8) and expected[0]["images"].shape == (2, 4, 2, 2, 1)
+
+
+def test_worker_processes_give_the_same_rows_and_resume():
+    """mp_prefetch (worker_count > 0) preprocesses in workers; the rows equal the in-process ones (~10 s)."""
+    source = [{"length": 1 + i % 8, "count": i % 3, "first": 100 * i} for i in range(40)]
+    kwargs = dict(spec=PackingSpec(**{**SPEC.__dict__, "bins": 3}), batch_size=2, seed=5, shuffle=True,
+                  preprocess=_noisy_layout, process_index=0, process_count=1)
+    reference = iter(make_packed_pipeline(source, **kwargs))
+    expected = [next(reference) for _ in range(12)]
+    dataset = make_packed_pipeline(source, worker_count=1, **kwargs)
+    iterator = iter(dataset)
+    got = [next(iterator) for _ in range(4)]
+    state = iterator.get_state()  # 8 rows = 2 of the third round
+    got += [next(iterator) for _ in range(8)]
+    assert all(_equal(want, have) for want, have in zip(expected, got))
+    resumed = iter(dataset)
+    resumed.set_state(state)
+    assert all(_equal(want, next(resumed)) for want in expected[4:])
 
 
 def test_processes_pack_disjoint_shards():
