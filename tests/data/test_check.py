@@ -8,7 +8,7 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from starflow2_jax.data.check import check_dataset_dir
+from starflow2_jax.data.check import DatasetError, check_dataset_dir
 
 TRAIN_FILE = "starflow2_digits-train.array_record-00000-of-00001"
 
@@ -81,3 +81,36 @@ def test_training_inputs_name_the_config_field(digits_copy, tmp_path):
     empty = ml_collections.ConfigDict({"data": {"builder": "directory", "data_dir": str(tmp_path / "empty")}})
     with pytest.raises(ValueError, match=r"^data\.data_dir='.*empty': no dataset_info\.json \(the directory is empty"):
         make_source(empty, "train", tmp_path / "workdir")
+
+
+def test_a_flipped_byte_is_named_when_its_record_is_read(digits_copy, tmp_path):
+    """The footer is intact, so the static check passes; reading the damaged chunk names file and record."""
+    from starflow2_jax.data import ImagePreprocess, make_pipeline
+    from starflow2_jax.train.inputs import make_source
+
+    path = digits_copy / TRAIN_FILE
+    data = bytearray(path.read_bytes())
+    data[100_000:100_008] = bytes(b ^ 0xFF for b in data[100_000:100_008])  # inside a chunk of records
+    path.write_bytes(bytes(data))
+    check_dataset_dir(digits_copy)
+    config = ml_collections.ConfigDict({"data": {"builder": "directory", "data_dir": str(digits_copy)}})
+    source = make_source(config, "train", tmp_path / "workdir")
+    assert len(source) == 1500 and source[0]["image"].shape == (8, 8, 1)
+    pipeline = make_pipeline(source, batch_size=100, seed=0, shuffle=False, preprocess=ImagePreprocess(levels=16),
+                             num_epochs=1, process_index=0, process_count=1)
+    with pytest.raises(DatasetError, match=rf"^data\.data_dir='{digits_copy}': record \d+ of split 'train' \(file "
+                                           rf"{TRAIN_FILE}\) cannot be read \(RuntimeError: .*Riegeli"):
+        list(pipeline)
+
+
+def test_evaluation_keeps_the_damaged_file_message(digits_copy, tmp_path):
+    """``eval``'s split lookup rewrites errors that mention the split as "no such split"; not a damaged file."""
+    from starflow2_jax.eval.scoring import split_source
+
+    _truncate(digits_copy / TRAIN_FILE)
+    restored = type("Restored", (), {})()
+    restored.config = ml_collections.ConfigDict({"data": {"builder": "directory", "data_dir": str(digits_copy)}})
+    with pytest.raises(DatasetError, match=rf"file {TRAIN_FILE} of split 'train' is damaged"):
+        split_source(restored, "train", tmp_path / "workdir")
+    with pytest.raises(ValueError, match=r"--split 'validation': .* has no such split"):
+        split_source(restored, "validation", tmp_path / "workdir")
