@@ -6,10 +6,10 @@ document's length; e.g. ``tokens`` (T,), ``positions`` (T, 3), ``slot``, ``image
 e.g. ``images`` (n, H, W, C), ``image_target`` (n,)). One per-token field (``PackingSpec.index_field``,
 by default ``image_index``) refers to the document's images by index, -1 for none.
 
-A **row** holds documents 1..k of the stream, in order::
+A **row** holds documents 1..D (in their stream order; not always consecutive ones, see below)::
 
     <token field>      (L, ...)   the documents' values concatenated, then the field's pad value
-    segment_ids        int32 (L,) 1..k: the document of each position; 0 = padding
+    segment_ids        int32 (L,) 1..D: the document of each position; 0 = padding
     <image field>      (M, ...)   the documents' images concatenated, then the field's pad value
     image_segment_ids  int32 (M,) the document of each image; 0 = padding
     image_valid        bool  (M,) image_segment_ids > 0
