@@ -23,12 +23,48 @@ DTYPES = {
 }
 
 
+def _checked_entry(path: Path, name: str, info, data_size: int) -> dict:
+    """``info`` (a header entry) after checking its fields and its byte range against the data size.
+
+    The data of every tensor must lie inside the file and hold exactly ``prod(shape) * itemsize``
+    bytes; anything else (a truncated download, an edited header) is a ValueError naming the file and
+    the tensor, raised when the file is opened, before any tensor is read.
+    """
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise ValueError(f"{where}: header entry {json.dumps(info)[:120]}; expected "
+                         "{\"dtype\": ..., \"shape\": [...], \"data_offsets\": [start, end]}")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(info["dtype"], str):
+        raise ValueError(f"{where}: dtype {info['dtype']!r}; expected a dtype tag such as 'F32' or 'BF16'")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise ValueError(f"{where}: shape {shape!r}; expected a list of non-negative ints")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"{where}: data_offsets {offsets!r}; expected [start, end] with 0 <= start <= end")
+    start, end = offsets
+    if end > data_size:
+        raise ValueError(f"{where}: its bytes [{start}, {end}) of the data section run past its end ({data_size} "
+                         f"bytes; the file is {path.stat().st_size} bytes): the file is truncated or its header "
+                         "is corrupt")
+    dtype = DTYPES.get(info["dtype"])
+    if dtype is not None:
+        need = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if end - start != need:
+            raise ValueError(f"{where}: holds {end - start} bytes, but shape {tuple(shape)} of {info['dtype']} needs "
+                             f"{need}: the header is corrupt")
+    return info
+
+
 class SafetensorsFile:
     """The header of a safetensors file, read eagerly; its tensors, read on demand.
 
     ``names`` (header order), ``shape(name)``, ``dtype(name)`` (the safetensors tag, e.g. 'BF16'),
     ``metadata`` (the ``__metadata__`` dict) and ``read(name)`` → a numpy array in the stored dtype
-    (bfloat16 as ``ml_dtypes.bfloat16``), a private copy that outlives the file.
+    (bfloat16 as ``ml_dtypes.bfloat16``), a private copy that outlives the file. Opening checks
+    every tensor's byte range against the file size and its shape and dtype (ValueError naming the
+    file and the tensor), so a truncated or corrupt file fails before anything is converted.
     """
 
     def __init__(self, path):
@@ -43,9 +79,13 @@ class SafetensorsFile:
                 header = json.loads(f.read(header_len))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise ValueError(f"{self.path}: not a safetensors file (unreadable JSON header: {e})") from e
+        if not isinstance(header, dict):
+            raise ValueError(f"{self.path}: not a safetensors file (the JSON header is a {type(header).__name__}, "
+                             "expected an object {name: {dtype, shape, data_offsets}})")
         self.metadata = header.pop("__metadata__", None) or {}
-        self._header = header
         self._data_start = 8 + header_len
+        self._header = {name: _checked_entry(self.path, name, info, size - self._data_start)
+                        for name, info in header.items()}
         self._data = None
 
     @property

@@ -1,4 +1,4 @@
-"""grain input pipelines over TFDS data sources: shuffle, preprocess, shard by JAX process, batch, repeat.
+"""grain input pipelines over TFDS data sources: shuffle, preprocess, shard by JAX process, [pack,] batch, repeat.
 
 Order of operations (``make_pipeline``)::
 
@@ -29,6 +29,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import grain
 import numpy as np
+
+from starflow2_jax.data.packing import PackIterDataset, PackingSpec
 
 Preprocess = Callable[[Mapping[str, Any], np.random.Generator], Mapping[str, Any]]
 
@@ -76,10 +78,32 @@ def _padding_like(example: Mapping[str, Any]) -> dict[str, Any]:
     return padding
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
+def _check_int(name: str, value: Any, minimum: int, caller: str = "make_pipeline") -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"make_pipeline: {name} {value!r}; expected an int >= {minimum}")
+        raise ValueError(f"{caller}: {name} {value!r}; expected an int >= {minimum}")
     return int(value)
+
+
+def _check_common(caller, batch_size, seed, num_epochs, process_index, process_count, worker_count):
+    """The checked ``(batch_size, seed, num_epochs, process_index, process_count, worker_count)``."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    batch_size = _check_int("batch_size", batch_size, 1, caller)
+    process_count = _check_int("process_count", process_count, 1, caller)
+    process_index = _check_int("process_index", process_index, 0, caller)
+    worker_count = _check_int("worker_count", worker_count, 0, caller)
+    if process_index >= process_count:
+        raise ValueError(f"{caller}: process_index {process_index}; expected < process_count {process_count}")
+    if batch_size % process_count:
+        raise ValueError(f"{caller}: global batch_size {batch_size} is not divisible by process_count {process_count}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"{caller}: seed {seed!r}; expected an int in [0, 2**32)")
+    if num_epochs is not None:
+        num_epochs = _check_int("num_epochs", num_epochs, 1, caller)
+    return batch_size, int(seed), num_epochs, process_index, process_count, worker_count
 
 
 def make_pipeline(
@@ -119,24 +143,8 @@ def make_pipeline(
     Returns:
       a ``grain.IterDataset``; ``iter()`` it and use ``get_state()/set_state()`` to checkpoint.
     """
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    batch_size = _check_int("batch_size", batch_size, 1)
-    process_count = _check_int("process_count", process_count, 1)
-    process_index = _check_int("process_index", process_index, 0)
-    worker_count = _check_int("worker_count", worker_count, 0)
-    if process_index >= process_count:
-        raise ValueError(f"make_pipeline: process_index {process_index}; expected < process_count {process_count}")
-    if batch_size % process_count:
-        raise ValueError(f"make_pipeline: global batch_size {batch_size} is not divisible by "
-                         f"process_count {process_count}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise ValueError(f"make_pipeline: seed {seed!r}; expected an int in [0, 2**32)")
-    if num_epochs is not None:
-        num_epochs = _check_int("num_epochs", num_epochs, 1)
+    batch_size, seed, num_epochs, process_index, process_count, worker_count = _check_common(
+        "make_pipeline", batch_size, seed, num_epochs, process_index, process_count, worker_count)
     if drop_remainder and pad_remainder:
         raise ValueError("make_pipeline: drop_remainder=True and pad_remainder=True exclude each other; "
                          "pass drop_remainder=False to pad")
@@ -165,3 +173,58 @@ def make_pipeline(
     if worker_count > 0:
         iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iter_dataset
+
+
+def make_packed_pipeline(
+    source: Sequence[Mapping[str, Any]],
+    *,
+    spec: PackingSpec,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    preprocess: Preprocess,
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    drop_remainder: bool = True,
+    worker_count: int = 0,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.IterDataset:
+    """The grain ``IterDataset`` of this process's batches of packed rows of ``source``'s documents.
+
+    ``MapDataset.source(src).seed(seed) → shuffle → random_map(preprocess) → [process_index::process_count]
+    → repeat(num_epochs) → to_iter_dataset [→ mp_prefetch] → pack(spec)
+    → batch(batch_size // process_count)``.
+
+    ``preprocess(example, rng)`` must return a document for ``data.packing`` (a dict of numpy
+    arrays with ``spec``'s fields), e.g. the model's sequence layout applied to
+    ``DocumentPreprocess``'s output. Each process packs its own shard of the documents, so the rows
+    (unlike ``make_pipeline``'s batches) depend on the number of processes; every document of an
+    epoch still goes to exactly one process. A batch is the stacked rows: each field of
+    ``data.packing``'s row with a leading axis ``batch_size // process_count``. Rows run across
+    epoch boundaries; with ``num_epochs`` set, the last rows are emitted when the documents run out
+    and ``drop_remainder`` drops a last, short batch. ``worker_count`` > 0 runs the preprocessing
+    (decoding, layout) in worker processes; the packing stays in this process, so the rows are the
+    same for any ``worker_count``. Other arguments as ``make_pipeline``; ``get_state()/set_state()``
+    on the iterator resume exactly.
+    """
+    caller = "make_packed_pipeline"
+    batch_size, seed, num_epochs, process_index, process_count, worker_count = _check_common(
+        caller, batch_size, seed, num_epochs, process_index, process_count, worker_count)
+    if not isinstance(spec, PackingSpec):
+        raise ValueError(f"{caller}: spec {spec!r}; expected a data.packing.PackingSpec")
+    if not callable(preprocess):
+        raise ValueError(f"{caller}: preprocess {preprocess!r} is not callable")
+    length = len(source)
+    if length < process_count:
+        raise ValueError(f"{caller}: the data source has {length} documents, fewer than the {process_count} "
+                         "processes (some would get none)")
+
+    dataset = grain.MapDataset.source(source).seed(seed)
+    if shuffle:
+        dataset = dataset.shuffle()
+    dataset = dataset.random_map(preprocess)[process_index::process_count].repeat(num_epochs)
+    documents = dataset.to_iter_dataset(read_options or grain.ReadOptions())
+    if worker_count > 0:  # workers preprocess documents; packing stays in this process, so rows do not
+        documents = documents.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))  # depend on it
+    return PackIterDataset(documents, spec).batch(batch_size // process_count, drop_remainder=drop_remainder)

@@ -99,16 +99,22 @@ class ImagePreprocess:
             caption = ""
         image = scale_pixels(decode_image(example["image"]), self.levels)  # (H, W, C)
         image = convert_channels(resize_square(image, self.image_size), self.channels)
-        if self.noise == "uniform":
-            image = image + (rng.random(image.shape, dtype=np.float32) - np.float32(0.5)) * np.float32(2 / self.levels)
-        elif self.noise == "gaussian":
-            image = image + np.float32(self.noise_std) * rng.standard_normal(image.shape, dtype=np.float32)
+        image = add_noise(image, rng, self.noise, self.noise_std, self.levels)
         return {
             "image": image.astype(np.float32),
             "label": np.int32(label),
             "caption": caption,
             "index": np.int64(example.get("index", -1)),
         }
+
+
+def add_noise(image: np.ndarray, rng: np.random.Generator, noise: str, noise_std: float, levels: int) -> np.ndarray:
+    """``image`` plus ``noise`` (``ImagePreprocess``'s: none, uniform dequantisation or Gaussian); same shape."""
+    if noise == "uniform":
+        return image + (rng.random(image.shape, dtype=np.float32) - np.float32(0.5)) * np.float32(2 / levels)
+    if noise == "gaussian":
+        return image + np.float32(noise_std) * rng.standard_normal(image.shape, dtype=np.float32)
+    return image
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:

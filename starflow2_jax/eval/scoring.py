@@ -30,8 +30,12 @@ def check_int(name: str, value, minimum: int) -> int:
 
 def split_source(restored: Restored, split: str, workdir):
     """The run's TFDS source of ``split``; ValueError naming ``--split`` when the dataset lacks it."""
+    from starflow2_jax.data.check import DatasetError
+
     try:
         return inputs.make_source(restored.config, split, workdir)
+    except DatasetError:
+        raise  # a missing or damaged file: its message names it (and may mention the split)
     except (KeyError, ValueError, AssertionError) as error:
         if split not in str(error):
             raise

@@ -21,17 +21,26 @@ def data_dir(config, workdir: os.PathLike | str) -> str:
 
 
 def make_source(config, split: str, workdir: os.PathLike | str):
-    """The random-access TFDS data source of ``split`` for ``config.data.builder``."""
+    """The random-access TFDS data source of ``split`` for ``config.data.builder``.
+
+    The dataset's files are checked first (``data.check.check_dataset_dir``): a missing or damaged
+    file is a ``DatasetError`` (a ValueError) naming it and ``data.data_dir``, also when a record
+    turns out unreadable later (``NamedSource``).
+    """
+    from starflow2_jax.data.check import NamedSource, check_dataset_dir
+
     builder = config.data.builder
-    if builder == "digits":
+    if builder in ("digits", "photos"):
         from starflow2_jax.data.digits import build_digits
-        return build_digits(data_dir(config, workdir)).as_data_source(split)
-    if builder == "photos":
         from starflow2_jax.data.photos import build_photos
-        return build_photos(data_dir(config, workdir)).as_data_source(split)
+        prepared = (build_digits if builder == "digits" else build_photos)(data_dir(config, workdir))
+        check_dataset_dir(prepared.data_dir, field="data.data_dir", splits=[split], value=data_dir(config, workdir))
+        return NamedSource(prepared.as_data_source(split), prepared.data_dir, split, value=data_dir(config, workdir))
     if builder == "directory":
         import tensorflow_datasets as tfds
-        return tfds.builder_from_directory(config.data.data_dir).as_data_source(split)
+        check_dataset_dir(config.data.data_dir, field="data.data_dir", splits=[split])
+        return NamedSource(tfds.builder_from_directory(config.data.data_dir).as_data_source(split),
+                           config.data.data_dir, split)
     raise ValueError(f"data.builder={builder!r}: expected 'digits', 'photos' or 'directory'")
 
 
