@@ -138,7 +138,7 @@ import io
 import sys
 
 from starflow2_jax.cli.common import setup_logging
-from starflow2_jax.cli.config_loader import load_config
+from starflow2_jax.config_files import load_config
 from starflow2_jax.data import build_digits
 from starflow2_jax.train.inputs import data_dir
 
