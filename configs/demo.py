@@ -21,7 +21,7 @@ what buys the accuracy: at width 64 throughout (bits/dim 2.080) it stayed at 98.
 
 import ml_collections
 
-from starflow2_jax.cli.config_loader import parse_preset
+from starflow2_jax.config_files import parse_preset
 from starflow2_jax.train.config_schema import base_config
 
 PRESETS = ("label", "caption", "runlocal", "caption,runlocal")

@@ -30,7 +30,7 @@ reconstructed features, with the PatchGAN). ``runlocal`` shrinks any of them to 
 
 import ml_collections
 
-from starflow2_jax.cli.config_loader import ConfigError, parse_preset
+from starflow2_jax.config_files import ConfigError, parse_preset
 from starflow2_jax.train.config_schema import FAE_STAGES, base_config
 
 SIZES = ("tiny", "g14_256")

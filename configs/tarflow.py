@@ -31,7 +31,7 @@ batch for AFHQ is taken as 256 (the README's distributed launch) — override it
 
 import ml_collections
 
-from starflow2_jax.cli.config_loader import parse_preset
+from starflow2_jax.config_files import parse_preset
 from starflow2_jax.train.config_schema import base_config
 
 IMAGENET_TRAIN_IMAGES = 1_281_167

@@ -138,7 +138,7 @@ import io
 import sys
 
 from starflow2_jax.cli.common import setup_logging
-from starflow2_jax.cli.config_loader import load_config
+from starflow2_jax.config_files import load_config
 from starflow2_jax.data import build_digits
 from starflow2_jax.train.inputs import data_dir
 
@@ -153,9 +153,16 @@ PY
 # train_demo WORKDIR CONFIG: trains (or resumes); fails when the run stopped before its last step
 # (e.g. SIGTERM).
 train_demo() {
-  local workdir="$1"
-  "${VENV}/bin/starflow2" train --config "$2" --workdir "${workdir}" > "${workdir}/train_summary.json"
-  "${VENV}/bin/python" - "${workdir}/train_summary.json" <<'PY'
+  local workdir="$1" rc=0
+  local summary="${workdir}/train_summary.json"
+  # Written beside the target and renamed, so a failed run leaves no partial summary (nor a temporary).
+  "${VENV}/bin/starflow2" train --config "$2" --workdir "${workdir}" > "${summary}.partial" || rc=$?
+  if (( rc != 0 )); then
+    rm -f "${summary}.partial"
+    return "${rc}"
+  fi
+  mv -f "${summary}.partial" "${summary}"
+  "${VENV}/bin/python" - "${summary}" <<'PY'
 import json
 import sys
 

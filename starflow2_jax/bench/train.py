@@ -40,7 +40,7 @@ NAMED = {
 
 def tarflow32_config():
     """A training config whose flow is ``bench.flow``'s ``tarflow-32``, trained with the demo's optimiser."""
-    from starflow2_jax.cli.config_loader import load_config
+    from starflow2_jax.config_files import load_config
 
     c = load_config(NAMED["demo"])
     c.model.flow.factory = "tarflow"
@@ -55,7 +55,7 @@ def tarflow32_config():
 
 def load(name: str):
     """The training config of a named setting or a ``FILE.py[:PRESET]`` spec."""
-    from starflow2_jax.cli.config_loader import load_config
+    from starflow2_jax.config_files import load_config
 
     if name == "tarflow-32":
         return tarflow32_config()
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--batch={args.batch}: expected a positive batch size")
     if args.steps < 1 or args.repeats < 1:
         raise SystemExit(f"--steps={args.steps} and --repeats={args.repeats} must both be >= 1")
-    from starflow2_jax.cli.config_loader import ConfigError
+    from starflow2_jax.config_files import ConfigError
 
     try:
         record = run(args.config, batch=args.batch, steps=args.steps, repeats=args.repeats, seed=args.seed)

@@ -43,7 +43,7 @@ def _check_paths(config) -> None:
 
 def load_and_validate(spec: str, extra: list[str]):
     """The validated config of ``spec`` with the ``--config.*`` overrides in ``extra`` applied."""
-    from starflow2_jax.cli.config_loader import ConfigError, load_config, split_override_args
+    from starflow2_jax.config_files import ConfigError, load_config, split_override_args
     from starflow2_jax.train.config_schema import validate
 
     overrides, rest = split_override_args(extra)
@@ -78,7 +78,7 @@ def _describe(workdir: str, config, spec: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from starflow2_jax.cli.config_loader import ConfigError
+    from starflow2_jax.config_files import ConfigError
 
     try:
         config = load_and_validate(args.config, list(getattr(args, "extra", [])))

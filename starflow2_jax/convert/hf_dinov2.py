@@ -33,10 +33,10 @@ import jax
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
+from starflow2_jax.atomic import check_output_directory, output_directory
 from starflow2_jax.convert.hf_qwen import CONFIG_FILE, SINGLE_FILE, checkpoint_shards
 from starflow2_jax.convert.placement import ParamSink
 from starflow2_jax.convert.safetensors_file import SafetensorsFile, match_checkpoint_keys
-from starflow2_jax.convert.staged_dir import check_export_target, staged_directory
 from starflow2_jax.fae.dinov2 import Dinov2Config, init_dinov2_boxed
 
 DTYPES = ("float32", "bfloat16")
@@ -215,11 +215,11 @@ def export_hf_dinov2(config: Dinov2Config, params, out_dir) -> Path:
     unexpected keys. Returns ``out_dir``; it appears complete or not at all (written beside it, then
     renamed) and must not exist or be empty (FileExistsError otherwise)."""
     config.validate()
-    out_dir = check_export_target(out_dir)
+    out_dir = check_output_directory(out_dir)
     from safetensors.numpy import save_file
 
     dtype = np.dtype(params["patch_embed"]["kernel"].dtype)
-    with staged_directory(out_dir) as tmp:
+    with output_directory(out_dir) as tmp:
         hf = dict(config.to_hf(), dtype="bfloat16" if dtype == jax.numpy.bfloat16 else str(dtype))
         (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
         tensors = {}

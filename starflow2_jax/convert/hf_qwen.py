@@ -20,10 +20,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from starflow2_jax.atomic import check_output_directory, output_directory
 from starflow2_jax.convert.hf_qwen_layout import LM_HEAD, hub_key, hub_shapes, to_ours, to_torch
 from starflow2_jax.convert.placement import ParamSink
 from starflow2_jax.convert.safetensors_file import SafetensorsFile, match_checkpoint_keys
-from starflow2_jax.convert.staged_dir import check_export_target, staged_directory
 from starflow2_jax.vlm.abstract import abstract_params, param_shardings
 from starflow2_jax.vlm.config import QwenVLConfig
 
@@ -144,7 +144,7 @@ def export_hf_qwen2_5_vl(config: QwenVLConfig, params, out_dir, *, max_shard_byt
     from this process. The directory appears complete or not at all (written beside it, then
     renamed); ``out_dir`` must not exist or be empty (FileExistsError otherwise).
     """
-    out_dir = check_export_target(out_dir)
+    out_dir = check_output_directory(out_dir)
     missing = [part for part in ("text", "vision") if part not in params]
     if missing:
         raise ValueError(f"params lack {missing}: a Hugging Face checkpoint holds the text decoder and the "
@@ -154,7 +154,7 @@ def export_hf_qwen2_5_vl(config: QwenVLConfig, params, out_dir, *, max_shard_byt
     dtype = np.dtype(params["text"]["embed_tokens"].dtype)
     shapes = hub_shapes(config)
     plan = _shard_plan(shapes, dtype.itemsize, max_shard_bytes)
-    with staged_directory(out_dir) as tmp:
+    with output_directory(out_dir) as tmp:
         hf = config.to_hf_dict()
         hf["dtype"] = "bfloat16" if dtype == jax.numpy.bfloat16 else str(dtype)
         (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")

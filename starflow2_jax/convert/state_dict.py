@@ -1,19 +1,19 @@
 """Reading and writing flat PyTorch-style state dicts (``name -> array``) as numpy, without needing torch.
 
 Supported files: ``.npz`` (numpy), ``.safetensors`` and ``.pt`` / ``.pth`` (``torch.load``; torch is
-imported only for these). Writes are atomic: a temporary file in the target directory is renamed
-over the target, so an interrupted save never leaves a half-written checkpoint behind.
+imported only for these). Writes go through ``starflow2_jax.atomic``: an interrupted or failed save
+leaves neither a half-written checkpoint nor a temporary file behind.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+
+from starflow2_jax.atomic import output_path
 
 SUPPORTED_SUFFIXES = (".npz", ".safetensors", ".pt", ".pth")
 FIXTURE_PREFIX = "sd/"  # our reference fixtures store the state dict next to other arrays as sd/<name>
@@ -67,10 +67,7 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path) -> Path:
         raise ValueError(f"{path}: unsupported state dict file type {suffix!r}; "
                          f"supported: {', '.join(SUPPORTED_SUFFIXES)}")
     arrays = {str(k): np.ascontiguousarray(_to_numpy(k, v)) for k, v in state_dict.items()}
-    # Same directory as the target so that os.replace is an atomic rename; same suffix because
-    # np.savez appends '.npz' to names without it.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp{suffix}")
-    try:
+    with output_path(path) as tmp:  # tmp keeps the suffix: np.savez appends '.npz' to names without it
         if suffix == ".npz":
             np.savez(tmp, **arrays)
         elif suffix == ".safetensors":
@@ -79,12 +76,6 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path) -> Path:
         else:
             import torch
             torch.save({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, tmp)  # writable copies
-        with open(tmp, "rb+") as f:  # flush to disk before the rename makes the file visible
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -21,8 +21,8 @@ import time
 import jax
 import numpy as np
 
+from starflow2_jax import atomic
 from starflow2_jax.eval.scoring import check_finite, check_int, score_split
-from starflow2_jax.train import files
 from starflow2_jax.train.restore import Restored, restore_workdir
 
 
@@ -84,5 +84,5 @@ def evaluate_bpd(workdir: os.PathLike | str, *, split: str | None = None, num_sa
         "seconds": round(time.perf_counter() - start, 3),
     }
     if out is not None and jax.process_index() == 0:
-        files.write_json(out, result)
+        atomic.write_json(out, result)
     return result

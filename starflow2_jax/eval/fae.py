@@ -31,10 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from starflow2_jax import parallel
+from starflow2_jax import atomic, parallel
 from starflow2_jax.eval.scoring import check_finite, check_int, gather, score_split
 from starflow2_jax.fae import api as fae_api
-from starflow2_jax.train import files
 from starflow2_jax.train import images as image_lib
 from starflow2_jax.train.restore import Restored, latest_step_dir, read_step_config, restore_workdir
 
@@ -150,5 +149,5 @@ def evaluate_fae(workdir: os.PathLike | str, *, split: str | None = None, batch_
         if grid is not None:
             image_lib.save_png(grid, image_lib.tile(image_lib.to_uint8(tiles)))
         if out is not None:
-            files.write_json(out, result)
+            atomic.write_json(out, result)
     return result

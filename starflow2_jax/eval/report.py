@@ -14,6 +14,8 @@ import json
 import os
 from typing import Any, Mapping
 
+from starflow2_jax import atomic
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
 table { border-collapse: collapse; margin: 0.5rem 0 1rem; }
@@ -142,10 +144,7 @@ def render_report(workdir: os.PathLike | str, metrics: Mapping[str, Any]) -> str
 
 
 def write_report(workdir: os.PathLike | str, metrics: Mapping[str, Any], name: str = "report.html") -> str:
-    """Writes ``<workdir>/<name>`` atomically (temporary file + rename); returns its path."""
+    """Writes ``<workdir>/<name>`` with ``atomic.write_text`` (rendered first: a failure leaves no
+    file); returns its path."""
     path = os.path.join(os.fspath(workdir), name)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(render_report(workdir, metrics))
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text(path, render_report(workdir, metrics))

@@ -32,8 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from starflow2_jax import flow
-from starflow2_jax.train import files
+from starflow2_jax import atomic, flow
 from starflow2_jax.train import images as image_lib
 from starflow2_jax.train.restore import Restored, restore_workdir
 from starflow2_jax.train.tasks.vocab import UNK_ID, split_words
@@ -207,10 +206,10 @@ def write_samples(samples: Samples, out: os.PathLike | str, summary: dict, level
     if levels <= 255:
         clean = np.nan_to_num(x, nan=-1.0, posinf=1.0, neginf=-1.0)
         arrays["pixels"] = np.clip(np.rint((clean + 1.0) * (levels / 2.0)), 0, levels).astype(np.uint8)
-    files.write_npz(paths["npz"], arrays)
+    atomic.write_npz(paths["npz"], arrays)
     side = max(samples.images.shape[1:3])
     image_lib.save_png(paths["png"], grid_image(samples), scale=max(1, math.ceil(64 / side)))
-    files.write_json(paths["json"], dict(summary, files=paths))
+    atomic.write_json(paths["json"], dict(summary, files=paths))
     return paths
 
 

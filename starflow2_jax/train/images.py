@@ -6,7 +6,8 @@ import os
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
+
+from starflow2_jax import atomic
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -45,16 +46,11 @@ def side_by_side(panels: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
 
 
 def save_png(path: os.PathLike | str, image: np.ndarray, scale: int = 1) -> str:
-    """Writes a uint8 (H, W, 1|3) image to ``path`` (nearest-neighbour upscaled by ``scale``) via a
-    temporary file and a rename, so a reader never sees a half-written PNG. Returns the path."""
+    """Writes a uint8 (H, W, 1|3) image to ``path`` (nearest-neighbour upscaled by ``scale``) with
+    ``atomic.write_png``: a reader never sees a half-written PNG. Returns the path."""
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
         raise ValueError(f"save_png: expected uint8 (H, W, 1|3), got {image.dtype} {image.shape}")
     if scale > 1:
         image = image.repeat(scale, axis=0).repeat(scale, axis=1)
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return atomic.write_png(path, image)

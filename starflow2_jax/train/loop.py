@@ -23,7 +23,6 @@ Console output goes through ``absl.logging`` at INFO (metrics, progress/ETA, the
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import threading
@@ -36,7 +35,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from starflow2_jax import parallel
+from starflow2_jax import atomic, parallel
 from starflow2_jax.train import checkpoint as ckpt_lib
 from starflow2_jax.train import images as image_lib
 from starflow2_jax.train import inputs
@@ -193,9 +192,7 @@ def train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, task
     data_iter = iter(data)
     config_json = to_json_dict(config)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json.tmp"), "w", encoding="utf-8") as f:
-            json.dump(config_json, f, indent=2)
-        os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
+        atomic.write_json(os.path.join(workdir, "config.json"), config_json)
 
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, ckpt_lib.CHECKPOINT_SUBDIR), keep_last=int(tc.keep_last),
                                          keep_every=int(tc.keep_every), async_save=bool(tc.async_checkpoint))

@@ -14,6 +14,7 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 
+from starflow2_jax.atomic import check_output_directory
 from starflow2_jax.vlm.abstract import abstract_params, param_shardings
 from starflow2_jax.vlm.config import QwenVLConfig
 
@@ -30,10 +31,8 @@ def _checkpointer():
 def save_checkpoint(path, config: QwenVLConfig, params) -> Path:
     """Writes ``params`` and ``config`` to the new directory ``path`` (absolute or relative); returns
     its absolute path. FileExistsError if ``path`` exists and is not an empty directory."""
-    path = Path(path).absolute()
+    path = check_output_directory(Path(path).absolute())
     if path.exists():
-        if not path.is_dir() or any(path.iterdir()):
-            raise FileExistsError(f"checkpoint target {path} exists and is not an empty directory")
         path.rmdir()  # orbax renames its finished temporary directory onto the path
     ocp, checkpointer = _checkpointer()
     meta = {"format": FORMAT, "hf_config": config.to_hf_dict(), "dtype": config.text.dtype,

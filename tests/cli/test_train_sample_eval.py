@@ -198,7 +198,7 @@ def _untrained(spec: str, **overrides):
     import flax.linen as nn
     import jax.numpy as jnp
 
-    from starflow2_jax.cli.config_loader import load_config
+    from starflow2_jax.config_files import load_config
     from starflow2_jax.train.loop import resolve_config
     from starflow2_jax.train.restore import Restored
 

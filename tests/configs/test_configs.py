@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from starflow2_jax.cli.config_loader import ConfigError, load_config, parse_preset, split_override_args
+from starflow2_jax.config_files import ConfigError, load_config, parse_preset, split_override_args
 from starflow2_jax.train import FlowTask, validate
 from starflow2_jax.train.tasks import task_from_config
 from starflow2_jax.train.loop import resolve_config

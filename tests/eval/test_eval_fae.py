@@ -29,7 +29,7 @@ S = 32  # configs/fae.py:tiny image size
 
 
 def _config(spec: str, data_dir: str, init_from: str = ""):
-    from starflow2_jax.cli.config_loader import load_config
+    from starflow2_jax.config_files import load_config
 
     c = load_config(os.path.join(REPO, "configs", spec))
     c.data.data_dir = data_dir

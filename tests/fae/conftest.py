@@ -11,7 +11,7 @@ STEPS = {"ia": 150, "ib": 200, "ii": 100}
 
 def tiny_stage_config(stage: str, data_dir: str, init_from: str = ""):
     """configs/fae.py:tiny,<stage> with the test's step counts and a shared data directory."""
-    from starflow2_jax.cli.config_loader import load_config
+    from starflow2_jax.config_files import load_config
 
     c = load_config(os.path.join(REPO, "configs", "fae.py") + f":tiny,{stage}")
     c.data.data_dir = data_dir

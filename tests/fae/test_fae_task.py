@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from starflow2_jax.cli.config_loader import load_config
+from starflow2_jax.config_files import load_config
 from starflow2_jax.fae.dinov2 import dinov2_features
 from starflow2_jax.train import validate
 from starflow2_jax.train.loop import resolve_config, train

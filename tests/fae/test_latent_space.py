@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from starflow2_jax import flow, parallel
-from starflow2_jax.cli.config_loader import load_config
+from starflow2_jax.config_files import load_config
 from starflow2_jax.fae import api as fae_api
 from starflow2_jax.fae.config import FAEConfig
 from starflow2_jax.fae.dinov2 import Dinov2Config, init_dinov2

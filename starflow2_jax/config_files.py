@@ -9,6 +9,10 @@ working directory, then in the checkout this package lives in (so ``configs/demo
 anywhere with an editable install). ``parse_preset`` splits ``arg`` into a preset and modifiers
 (``caption,runlocal``) for the config files.
 
+This module imports nothing else from the package: the config files themselves (``ConfigError``,
+``parse_preset``), ``bench`` and ``cli`` all use it, and none of them may import ``cli``
+(docs/architecture.md, enforced by tests/test_architecture.py).
+
 Overrides follow ``ml_collections.config_flags``: the value text is parsed by the type of the
 field it replaces (bool: true/false/1/0/yes/no; int; float; str as given; list/tuple: a Python
 literal such as ``[1,1,2]`` or ``0,2``; None: a Python literal, else the text). Unknown fields are
@@ -51,7 +55,7 @@ def resolve_path(path: str) -> Path:
     if candidate.is_file():
         return candidate.resolve()
     if not candidate.is_absolute():
-        checkout = Path(__file__).resolve().parents[2] / candidate
+        checkout = Path(__file__).resolve().parents[1] / candidate
         tried.append(checkout)
         if checkout.is_file():
             return checkout
