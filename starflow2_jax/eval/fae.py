@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from starflow2_jax import parallel
 from starflow2_jax.eval.scoring import check_finite, check_int, gather, score_split
 from starflow2_jax.fae import api as fae_api
-from starflow2_jax.train import files
+from starflow2_jax.train import families, files
 from starflow2_jax.train import images as image_lib
 from starflow2_jax.train.restore import Restored, latest_step_dir, read_step_config, restore_workdir
 
@@ -57,7 +57,7 @@ def _make_grid_step(restored: Restored):
     task, mesh, shardings = restored.task, restored.mesh, restored.shardings
     batch_sharding = NamedSharding(mesh, PartitionSpec(parallel.BATCH_AXES))
     jitted = jax.jit(functools.partial(_grid_rows, task.config),
-                     in_shardings=(shardings.state.params, shardings.extra, batch_sharding),
+                     in_shardings=(shardings.params, shardings.extra, batch_sharding),
                      out_shardings=(batch_sharding, batch_sharding))
 
     def rows(params, extra, images):
@@ -68,10 +68,11 @@ def _make_grid_step(restored: Restored):
 
 
 def check_fae_config(config, workdir: os.PathLike | str) -> None:
-    """Raises ValueError naming the family unless ``config`` is an FAE run's."""
-    if config.model.family != "fae":
-        raise ValueError(f"FAE reconstruction errors need an FAE workdir (configs/fae.py); {os.fspath(workdir)!r} "
-                         f"is a model.family={config.model.family!r} run")
+    """Raises ValueError naming the family unless ``config``'s family offers FAE reconstruction errors."""
+    try:
+        families.require(config, "fae", os.fspath(workdir))
+    except ValueError as error:
+        raise ValueError(f"FAE reconstruction errors need an FAE workdir (configs/fae.py): {error}") from None
 
 
 def fae_per_image(restored: Restored, workdir: os.PathLike | str, *, split: str, batch_size: int | None = None,

@@ -33,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from starflow2_jax import flow
-from starflow2_jax.train import files
+from starflow2_jax.train import families, files
 from starflow2_jax.train import images as image_lib
-from starflow2_jax.train.restore import Restored, restore_workdir
+from starflow2_jax.train.restore import Restored, latest_step_dir, read_step_config, restore_workdir
 from starflow2_jax.train.tasks.vocab import UNK_ID, split_words
 
 UNCONDITIONAL_COLUMNS = 8
@@ -234,11 +234,10 @@ def sample_from_workdir(workdir: os.PathLike | str, out: os.PathLike | str, *, l
     _check_request(guidance, seed, batch_size, num)
     if restored is None and "://" not in os.fspath(workdir):
         workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
-    restored = restored if restored is not None else restore_workdir(workdir, ema=ema)
-    if restored.config.model.family != "flow":
-        raise ValueError(f"--workdir {os.fspath(workdir)!r} holds a model.family={restored.config.model.family!r} "
-                         f"run; sampling needs a flow (an FAE is evaluated with `starflow2 eval fae`, and a flow "
-                         f"trained on its latents samples through it)")
+    if restored is None:
+        families.require(read_step_config(latest_step_dir(workdir)[1]), "sample", workdir)  # before any weights
+        restored = restore_workdir(workdir, ema=ema)
+    families.require(restored.config, "sample", workdir)
     samples = generate(restored, label=label, prompt=prompt, guidance=guidance, jacobi=jacobi, num=num, seed=seed,
                        batch_size=batch_size)
     used_jacobi = restored.task.jacobi if isinstance(jacobi, str) else jacobi

@@ -5,18 +5,27 @@ sees: the pixel view moves to ``model.latent.{image_size, channels, patch}`` and
 become the latent grid (``img_size`` = grid, ``in_channels`` = D, ``patch_size`` = 1). For 'fae' it
 also sets ``data.image_size`` / ``data.channels`` to what the FAE takes (3-channel, its image size)
 and copies the FAE's config into ``model.latent.fae``, so the latent space is known from the config
-alone (the FAE workdir is read again only to load its weights at a run's first start).
+alone. The FAE's weights are the flow family's frozen part 'latent' (``frozen_parts``): loaded from
+the FAE workdir at every start (``load_fae_run``), never saved in the flow's step checkpoints.
+
+The FAE workdir is read at the file level (its stored config JSON, its checkpoint items), not through
+``train.restore``: this module sits below the config schema and the run-on-disk module.
 """
 
 from __future__ import annotations
 
 import os
 
+import flax.linen as nn
 import jax
 import ml_collections
 
+from starflow2_jax.fae import api as fae_api
 from starflow2_jax.fae.config import FAEConfig, fae_config_from_dict, fae_config_to_dict
 from starflow2_jax.fae.latent_space import FAESpace, PatchesSpace, check_latent_stats
+from starflow2_jax.train import checkpoint as ckpt_lib
+from starflow2_jax.train import frozen
+from starflow2_jax.train.tasks import fae as fae_family
 
 
 def _side(value) -> int:
@@ -27,17 +36,25 @@ def _side(value) -> int:
     return int(value)
 
 
+def _fae_run(workdir: str) -> tuple:
+    """``(latest complete step dir, stored config JSON)`` of an FAE training workdir; ValueError when
+    it holds another family's run."""
+    try:
+        step_dir = ckpt_lib.resolve_step_dir(workdir)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model.latent.fae_workdir={workdir!r}: no complete checkpoint there (train the "
+                                f"FAE first: configs/fae.py)") from None
+    stored = ckpt_lib.read_config_json(step_dir)
+    family = stored.get("model", {}).get("family")
+    if family != "fae":
+        raise ValueError(f"model.latent.fae_workdir={workdir!r} holds a model.family={family!r} run, not an FAE")
+    return step_dir, stored
+
+
 def fae_config_of_workdir(workdir: str) -> FAEConfig:
     """The ``FAEConfig`` stored with the latest checkpoint of an FAE training workdir."""
-    from starflow2_jax.train.restore import latest_step_dir, read_step_config
-    from starflow2_jax.train.tasks.fae import fae_config_from
-
-    _, step_dir = latest_step_dir(workdir)
-    config = read_step_config(step_dir)
-    if config.model.family != "fae":
-        raise ValueError(f"model.latent.fae_workdir={workdir!r} holds a model.family={config.model.family!r} run, "
-                         f"not an FAE")
-    return fae_config_from(config)
+    _, stored = _fae_run(workdir)
+    return fae_family.fae_config_from(fae_family.section_config(stored))
 
 
 def resolve_latent(config: ml_collections.ConfigDict) -> None:
@@ -79,17 +96,50 @@ def latent_space_from(config: ml_collections.ConfigDict):
     return FAESpace(fae_config_from_dict(lat.fae.to_dict()))
 
 
-def load_fae_variables(workdir: str, shardings=None) -> dict:
-    """``{'dinov2', 'fae', 'latent_stats'}`` of the FAE trained in ``workdir`` (latest checkpoint, raw
-    params), placed as ``shardings`` (a matching tree of shardings) when given. Raises ValueError when
-    its latent statistics were never computed."""
-    from starflow2_jax.train.restore import restore_workdir
-
-    restored = restore_workdir(os.fspath(workdir), ema=False)
-    variables = {"dinov2": restored.extra["dinov2"],
-                 "fae": {k: restored.params[k] for k in ("encoder", "feature_decoder", "pixel_decoder")},
-                 "latent_stats": restored.extra["latent_stats"]}
-    check_latent_stats(variables, where=f"the FAE in {os.fspath(workdir)!r} (step {restored.step})")
-    if shardings is not None:
-        variables = jax.tree.map(jax.device_put, variables, shardings)
+def load_fae_run(workdir: str, target) -> dict:
+    """``{'dinov2', 'fae', 'latent_stats'}`` of the FAE trained in ``workdir`` (latest complete step, raw
+    params) laid out as ``target`` (abstract arrays with shardings): its parts and statistics from the
+    step checkpoint, its DINOv2 from the source that run recorded (older runs: from the step). Raises
+    ValueError when its latent statistics were never computed."""
+    step_dir, stored = _fae_run(os.fspath(workdir))
+    parts = {"fae": {k: target["fae"][k] for k in fae_api.PARTS}}
+    params = ckpt_lib.restore_item(step_dir, "state", {"params": parts["fae"]})["params"]
+    in_extra = {k.split("/")[0] for k in ckpt_lib.stored_shapes(step_dir / "extra")}
+    wanted = {"latent_stats": target["latent_stats"]}
+    if "dinov2" in in_extra:  # a run from before frozen parts kept DINOv2 in every step
+        wanted["dinov2"] = target["dinov2"]
+    extra = ckpt_lib.restore_item(step_dir, "extra", wanted)
+    variables = {"fae": params, "latent_stats": extra["latent_stats"]}
+    check_latent_stats(variables, where=f"the FAE in {os.fspath(workdir)!r} (step {step_dir.name})")
+    if "dinov2" in extra:
+        variables["dinov2"] = extra["dinov2"]
+    else:
+        part = fae_family.dinov2_part(fae_family.section_config(stored))
+        records = dict(stored.get("frozen", {}))
+        loaded, _ = frozen.load_parts([part], {"dinov2": target["dinov2"]}, seed=int(stored.get("seed", 0)),
+                                      records=records if "dinov2" in records else None)
+        variables["dinov2"] = loaded["dinov2"]
     return variables
+
+
+def frozen_parts(config) -> tuple:
+    """The flow family's frozen parts: the FAE under a flow on FAE latents ('latent'), else none."""
+    lat = config.model.latent
+    if lat.kind != "fae":
+        return ()
+    dtype = str(lat.fae_dtype or (lat.fae.get("dtype") if lat.fae else "") or "float32")
+    return (frozen.FrozenPart(name="latent", field="model.latent.fae_workdir", source=str(lat.fae_workdir),
+                              dtype=dtype, from_run=load_fae_run),)
+
+
+def load_fae_variables(workdir: str, shardings=None) -> dict:
+    """``{'dinov2', 'fae', 'latent_stats'}`` of the FAE trained in ``workdir`` (see ``load_fae_run``),
+    placed as ``shardings`` (a matching tree of shardings) when given, else on the default device."""
+    config = fae_config_of_workdir(os.fspath(workdir))
+    abstract = nn.meta.unbox(jax.eval_shape(lambda: fae_api.init_variables_boxed(config, jax.random.key(0))))
+    abstract["fae"] = {k: abstract["fae"][k] for k in fae_api.PARTS}
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return load_fae_run(os.fspath(workdir), target)

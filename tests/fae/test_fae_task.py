@@ -60,7 +60,7 @@ def test_stage_loads_the_hf_dinov2_and_freezes_the_parts_it_does_not_train(tmp_p
 
     from starflow2_jax.train.generate import sample_from_workdir
 
-    with pytest.raises(ValueError, match="model.family='fae' run; sampling needs a flow"):
+    with pytest.raises(ValueError, match=r"starflow2 sample\` does not apply .* model.family='fae' run, whose family offers \['eval fae'\]"):
         sample_from_workdir(tmp_path / "ib", tmp_path / "grid.png")
     assert not (tmp_path / "grid.png").exists()
 
@@ -84,14 +84,14 @@ def test_fae_config_errors_name_the_field(tmp_path):
         validate(_tiny("ia", tmp_path, "model.fae.pixel_loss=l3"))
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         resolve_config(_tiny("ia", tmp_path, f"model.fae.dinov2_checkpoint={tmp_path / 'missing'}"))
-    from starflow2_jax.train.tasks import task_from_config
+    from starflow2_jax.train.families import make_task as task_from_config
 
     with pytest.raises(ValueError, match=r"FAEConfig.image_size=30 \(the DINOv2 input size\) is not divisible"):
         task_from_config(resolve_config(_tiny("ia", tmp_path, "model.fae.image_size=30")))
 
 
 def test_grey_batches_are_rejected_with_a_hint(tmp_path):
-    from starflow2_jax.train.tasks import task_from_config
+    from starflow2_jax.train.families import make_task as task_from_config
 
     task = task_from_config(resolve_config(_tiny("ia", tmp_path)))
     with pytest.raises(ValueError, match="grey .*data.channels=3"):
@@ -106,7 +106,7 @@ def test_eval_step_and_prior_grid(tmp_path):
     import flax.linen as nn
 
     from starflow2_jax.fae import api as fae_api
-    from starflow2_jax.train.tasks import task_from_config
+    from starflow2_jax.train.families import make_task as task_from_config
 
     task = task_from_config(resolve_config(_tiny("ii", tmp_path)))
     params, extra = task.init(jax.random.key(0))
@@ -127,7 +127,7 @@ def test_perceptual_features_pass_gradients_to_images_only(tmp_path):
     """The perceptual term must reach the pixel decoder (through the images) but never DINOv2."""
     from starflow2_jax.fae import api as fae_api
     from starflow2_jax.fae.losses import feature_distance
-    from starflow2_jax.train.tasks import task_from_config
+    from starflow2_jax.train.families import make_task as task_from_config
 
     task = task_from_config(resolve_config(_tiny("ia", tmp_path)))
     _, extra = task.init(jax.random.key(0))
@@ -151,7 +151,7 @@ def test_frozen_dinov2_is_sharded_by_the_rules(tmp_path):
     from starflow2_jax import parallel
     from starflow2_jax.train.optim import make_optimizer
     from starflow2_jax.train.step import state_shardings
-    from starflow2_jax.train.tasks import task_from_config
+    from starflow2_jax.train.families import make_task as task_from_config
 
     config = resolve_config(_tiny("ia", tmp_path))
     task = task_from_config(config)
