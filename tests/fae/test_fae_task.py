@@ -162,3 +162,23 @@ def test_frozen_dinov2_is_sharded_by_the_rules(tmp_path):
     sharded = [s for s in jax.tree.leaves(dino) if not s.is_fully_replicated]
     assert len(sharded) >= len(jax.tree.leaves(dino)) // 2, "DINOv2 should be sharded like the parameters"
     assert all(s.is_fully_replicated for s in jax.tree.leaves(shardings.extra["latent_stats"]))
+
+
+def test_a_bad_dinov2_source_fails_before_anything_is_written(tmp_path):
+    """Missing, another architecture, a mis-shaped tensor: one clear error from ``train`` before any
+    step, and the workdir is never created."""
+    from safetensors.numpy import load_file, save_file
+
+    plain = _save_hf("plain", tmp_path / "dino")
+    weights = os.path.join(plain, "model.safetensors")
+    tensors = load_file(weights)
+    tensors["embeddings.cls_token"] = np.zeros((1, 1, 31), tensors["embeddings.cls_token"].dtype)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    cases = [(os.fspath(tmp_path / "missing"), FileNotFoundError, "is not a directory"),
+             (_save_hf("registers", tmp_path / "dino_reg"), ValueError, "num_register_tokens: checkpoint 4, expected 0"),
+             (plain, ValueError, r"with the wrong shape: .*embeddings\.cls_token: \(1, 1, 31\)")]
+    for source, error, match in cases:
+        config = _tiny("ia", tmp_path, f"model.fae.dinov2_checkpoint={source}", *DINO_FIELDS)
+        with pytest.raises(error, match=match):
+            train(config, tmp_path / "run")
+        assert not (tmp_path / "run").exists()

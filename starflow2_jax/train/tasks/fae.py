@@ -77,7 +77,10 @@ def resolve_dinov2(config) -> None:
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(f.dinov2).items()}
     if not os.path.isdir(f.dinov2_checkpoint):
         raise FileNotFoundError(f"model.fae.dinov2_checkpoint={f.dinov2_checkpoint!r} is not a directory (expected "
-                                f"a Hugging Face Dinov2Model / Dinov2WithRegistersModel checkpoint)")
+                                f"a Hugging Face Dinov2Model / Dinov2WithRegistersModel checkpoint, an Orbax "
+                                f"checkpoint or an earlier run's workdir)")
+    if not any(name.endswith(".safetensors") for name in os.listdir(f.dinov2_checkpoint)):
+        return  # an Orbax checkpoint or a run: its tree is checked against model.fae.dinov2 when it is loaded
     dino = read_config(f.dinov2_checkpoint)
     try:  # unset fields take Dinov2Config's defaults: the variant (registers or not) is always checked
         expected = Dinov2Config(**fields)
