@@ -5,7 +5,8 @@ on FAE latents, next the STARFlow2 VLM). Each part is a top-level entry of the t
 (``part.name``) and has a *source*, a config field (``part.field``) holding one of:
 
     ''            random weights from the run's seed (``part.init``: tests, tiny presets); with
-                  ``train.init_from`` the part of that run instead (so a later stage keeps it)
+                  ``train.init_from`` the part of that run instead (its copy, else the source it
+                  recorded), so a later stage keeps it
     HF directory  config.json + *.safetensors, read by the family (``part.from_hf``)
     Orbax dir     a checkpoint with a ``params`` item: written by ``starflow2 convert`` or a copy below
     a workdir     an earlier run: its copy ``<workdir>/frozen/<name>`` when present, else the trained
@@ -193,8 +194,11 @@ def resolve(part: FrozenPart, *, seed: int, init_from: str = "") -> dict:
         return {"kind": source_kind(part, source), "source": source, "seed": -1}
     if init_from:
         workdir = ckpt_lib.resolve_step_dir(init_from).parent.parent  # <workdir>/checkpoints/<step>
-        if (workdir / FROZEN_SUBDIR / part.name).exists() or _recorded(os.fspath(workdir), part.name) is not None:
+        if (workdir / FROZEN_SUBDIR / part.name).exists():
             return {"kind": "workdir", "source": os.fspath(workdir), "seed": -1}
+        record = _recorded(os.fspath(workdir), part.name)
+        if record is not None:  # that run's own source: no chain of runs to keep around
+            return {"kind": record["kind"], "source": record["source"], "seed": int(record.get("seed", -1))}
     return {"kind": "init", "source": "", "seed": int(seed)}
 
 

@@ -182,3 +182,22 @@ def test_a_bad_dinov2_source_fails_before_anything_is_written(tmp_path):
         with pytest.raises(error, match=match):
             train(config, tmp_path / "run")
         assert not (tmp_path / "run").exists()
+
+
+def test_a_random_dinov2_source_is_what_the_task_initialises(tmp_path):
+    """'' as the DINOv2 source regenerates the weights ``FAETask.init`` gives DINOv2 under the train
+    state's key chain (so random-DINOv2 runs keep their features without storing them)."""
+    import flax.linen as nn
+
+    from starflow2_jax.train.families import make_task
+    from starflow2_jax.train.tasks.fae import random_dinov2
+
+    task = make_task(resolve_config(_tiny("ia", tmp_path)))
+    _, extra = task.init(jax.random.split(jax.random.key(7))[0])  # train.step: key(seed) → model key
+    want, got = nn.meta.unbox(extra["dinov2"]), random_dinov2(task.config.dinov2, 7)
+    assert jax.tree.structure(want) == jax.tree.structure(got)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = random_dinov2(task.config.dinov2, 8)
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(want),
+                                                                               jax.tree.leaves(other)))

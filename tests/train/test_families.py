@@ -221,20 +221,24 @@ def test_a_bad_frozen_source_fails_before_anything_is_written(tmp_path, make, er
     assert not (tmp_path / "run").exists()
 
 
-def test_frozen_copy_and_a_later_stage_inheriting_the_part(tmp_path):
-    config = toy_config(**{"seed": 3, "train.frozen_copy": True, "train.steps": 2})
+@pytest.mark.parametrize("copy", [True, False])
+def test_a_later_stage_inherits_the_frozen_part(tmp_path, copy):
+    """With '' as the source and ``init_from``, the part is the earlier run's: read from its copy
+    (``train.frozen_copy``), else from the source that run recorded (here: its seed)."""
+    config = toy_config(**{"seed": 3, "train.frozen_copy": copy, "train.steps": 2})
     first = train(config, tmp_path / "a", data=pipeline(config))
-    assert (tmp_path / "a" / "frozen" / "encoder" / "params").is_dir()
+    assert (tmp_path / "a" / "frozen" / "encoder" / "params").is_dir() == copy
     later = toy_config(**{"seed": 5, "train.steps": 2, "train.init_from": os.fspath(tmp_path / "a")})
     second = train(later, tmp_path / "b", data=pipeline(later))
-    for name in ("proj", "table"):  # seed 3's encoder (the first run's, read from its copy), not seed 5's
+    for name in ("proj", "table"):  # seed 3's encoder (the first run's), not seed 5's
         want = np.asarray(encoder_init(3, 4)[name])  # eager; the trainer's is jitted: last-bit differences
         np.testing.assert_array_equal(np.asarray(second.extra_vars["encoder"][name]),
                                       np.asarray(first.extra_vars["encoder"][name]))
         np.testing.assert_allclose(np.asarray(first.extra_vars["encoder"][name]), want, rtol=1e-6, atol=1e-9)
         assert not np.allclose(np.asarray(encoder_init(5, 4)[name]), want)
     stored = checkpoint.read_config_json(tmp_path / "b" / "checkpoints" / "2")["frozen"]["encoder"]
-    assert stored["kind"] == "workdir" and stored["source"] == os.fspath(tmp_path / "a")
+    assert (stored["kind"], stored["source"], stored["seed"]) == (
+        ("workdir", os.fspath(tmp_path / "a"), -1) if copy else ("init", "", 3))
 
 
 def test_init_from_names_every_difference_and_starts_with_declared_new_parts(tmp_path, caplog):
