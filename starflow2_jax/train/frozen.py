@@ -218,6 +218,9 @@ def load_parts(parts, abstract_extra: Mapping[str, Any], *, seed: int, init_from
                              f"{sorted(abstract_extra)}")
         where = dict(records[part.name]) if records is not None and part.name in records else \
             resolve(part, seed=seed, init_from=init_from)
+        if where["kind"] == "init":
+            logging.warning("%s is empty: the frozen part %r is random (seed %d); fine for tests and tiny runs, not "
+                            "for real features", part.field, part.name, int(where["seed"]))
         target = _cast(part, abstract_extra[part.name])
         tree = _load(part, where["kind"], where["source"], where.get("seed"), target)
         values[part.name] = tree
