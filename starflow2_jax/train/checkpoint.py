@@ -144,11 +144,14 @@ class Checkpointer:
     def restore(self, step: int, abstract_state, abstract_extra, data_iter: grain.DatasetIterator | None):
         """``(state, extra_vars)`` of ``step`` laid out as the abstract targets' shardings; restores
         ``data_iter`` in place (when given)."""
-        items = dict(state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.StandardRestore(abstract_extra))
+        items = dict(state=ocp.args.StandardRestore(abstract_state))
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored.state, restored.extra
+        # extra: a partial restore, so a step saved before frozen parts left it (they were in it) resumes
+        extra = restore_item(self.directory / str(step), "extra", abstract_extra) if jax.tree.leaves(abstract_extra) \
+            else abstract_extra
+        return restored.state, extra
 
     def read_config(self, step: int | None = None) -> dict:
         """The JSON config stored with ``step`` (default: the latest)."""

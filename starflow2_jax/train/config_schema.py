@@ -95,12 +95,12 @@ for reference; their definitions live in ``train.tasks.flow`` / ``train.tasks.fa
     sample.prompts            captions for the grid (caption conditioning; empty: one per digit)
     sample.jacobi.*           block_size (0 = sequential sampling), threshold, max_iters
     frozen.<part>             filled by the trainer: each frozen part's resolved source and fingerprint
-                              (train.frozen.FrozenRecord); compared at resume
+                              (train.frozen.load_parts); compared at resume
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import ml_collections
 
