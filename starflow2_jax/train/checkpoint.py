@@ -1,7 +1,8 @@
 """Checkpoints: an Orbax ``CheckpointManager`` over ``<workdir>/checkpoints/<step>/``.
 
-Items per step: ``state`` (the ``TrainState``), ``extra`` (non-trainable variables), ``data_iter``
-(every process's grain iterator state, one file each) and ``config`` (JSON). Restores take abstract
+Items per step: ``state`` (the ``TrainState``), ``extra`` (non-trainable variables, without the
+family's frozen parts: ``train.frozen``), ``data_iter`` (every process's grain iterator state, one
+file each) and ``config`` (JSON; it records each frozen part's source and fingerprint). Restores take abstract
 targets carrying the *current* mesh's shardings, so a checkpoint restores onto any mesh.
 
 Retention: the ``keep_last`` newest steps, plus every step that is a multiple of ``keep_every``
