@@ -58,7 +58,7 @@ def bpd_per_image(restored: Restored, workdir: os.PathLike | str, *, split: str,
 
 def evaluate_bpd(workdir: os.PathLike | str, *, split: str | None = None, num_samples: int = 1, seed: int = 0,
                  ema: bool = True, batch_size: int | None = None, out: os.PathLike | str | None = None,
-                 restored: Restored | None = None) -> dict:
+                 restored: Restored | None = None, allow_frozen_change: bool = False) -> dict:
     """Bits/dim of the latest complete checkpoint of ``workdir`` on ``split`` (default the run's
     ``data.eval_split``); see the module docstring. Returns (and writes to ``out``, atomically) a dict:
 
@@ -75,7 +75,7 @@ def evaluate_bpd(workdir: os.PathLike | str, *, split: str | None = None, num_sa
         raise ValueError(f"--out {os.fspath(out)!r}: expected a .json file name")
     if restored is None:
         check_bpd_config(read_step_config(latest_step_dir(workdir)[1]), workdir)  # before loading any weights
-        restored = restore_workdir(workdir, ema=ema)
+        restored = restore_workdir(workdir, ema=ema, allow_frozen_change=allow_frozen_change)
     split = split or str(restored.config.data.eval_split)
     indices, per_image = bpd_per_image(restored, workdir, split=split, num_samples=num_samples, seed=seed,
                                        batch_size=batch_size)

@@ -109,7 +109,7 @@ def fae_per_image(restored: Restored, workdir: os.PathLike | str, *, split: str,
 
 def evaluate_fae(workdir: os.PathLike | str, *, split: str | None = None, batch_size: int | None = None,
                  out: os.PathLike | str | None = None, grid: os.PathLike | str | None = None, num_grid: int = 8,
-                 restored: Restored | None = None) -> dict:
+                 restored: Restored | None = None, allow_frozen_change: bool = False) -> dict:
     """Reconstruction errors of the FAE in the latest complete checkpoint of ``workdir`` on ``split``
     (default the run's ``data.eval_split``); see the module docstring. Returns (and writes to ``out``,
     atomically) a dict:
@@ -130,7 +130,7 @@ def evaluate_fae(workdir: os.PathLike | str, *, split: str | None = None, batch_
         num_grid = check_int("--num-grid", num_grid, 1)
     if restored is None:
         check_fae_config(read_step_config(latest_step_dir(workdir)[1]), workdir)  # before loading any weights
-        restored = restore_workdir(workdir, ema=False)
+        restored = restore_workdir(workdir, ema=False, allow_frozen_change=allow_frozen_change)
     split = split or str(restored.config.data.eval_split)
     indices, per_image, tiles = fae_per_image(restored, workdir, split=split, batch_size=batch_size,
                                               num_grid=num_grid if grid is not None else 0)

@@ -217,15 +217,17 @@ def write_samples(samples: Samples, out: os.PathLike | str, summary: dict, level
 def sample_from_workdir(workdir: os.PathLike | str, out: os.PathLike | str, *, label: int | None = None,
                         prompt: str | None = None, guidance: float = 0.0,
                         jacobi: flow.JacobiOptions | None | str = "config", num: int | None = None, seed: int = 0,
-                        ema: bool = True, batch_size: int = 256, restored: Restored | None = None) -> dict:
+                        ema: bool = True, batch_size: int = 256, restored: Restored | None = None,
+                        allow_frozen_change: bool = False) -> dict:
     """Samples from the latest complete checkpoint of ``workdir`` and writes ``out`` (a ``.png``) with
     its ``.npz`` and ``.json`` beside it (see the module docstring). Returns the JSON summary.
 
     ``jacobi``: ``'config'`` (the run's ``sample.jacobi``), None / ``'off'`` (sequential), a
     ``JacobiOptions`` or ``'BLOCK,THRESHOLD,MAX_ITERS'``. ``ema``: use the EMA parameters when the run
     kept them. ``restored``: a ``restore_workdir`` result to reuse (then ``workdir``/``ema`` are not
-    read again). Raises ValueError / FileNotFoundError naming the offending argument; nothing is
-    written then.
+    read again). ``allow_frozen_change``: sample although a frozen part no longer matches the
+    fingerprint the run recorded. Raises ValueError / FileNotFoundError naming the offending argument;
+    nothing is written then.
     """
     start = time.perf_counter()
     paths = _output_paths(out)
@@ -236,7 +238,7 @@ def sample_from_workdir(workdir: os.PathLike | str, out: os.PathLike | str, *, l
         workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
     if restored is None:
         families.require(read_step_config(latest_step_dir(workdir)[1]), "sample", workdir)  # before any weights
-        restored = restore_workdir(workdir, ema=ema)
+        restored = restore_workdir(workdir, ema=ema, allow_frozen_change=allow_frozen_change)
     families.require(restored.config, "sample", workdir)
     samples = generate(restored, label=label, prompt=prompt, guidance=guidance, jacobi=jacobi, num=num, seed=seed,
                        batch_size=batch_size)

@@ -201,6 +201,10 @@ def test_resume_after_the_frozen_source_changed(tmp_path):
     write_source(tmp_path / "enc", encoder_init(2, 4))  # same tree, other weights
     with pytest.raises(ValueError, match=r"(?s)frozen part 'encoder': content .*train\.allow_frozen_change=True"):
         train(config, tmp_path / "run", data=pipeline(config))
+    with pytest.raises(ValueError, match=r"frozen part 'encoder': content"):  # a restore checks it too
+        restore_workdir(tmp_path / "run")
+    restored = restore_workdir(tmp_path / "run", allow_frozen_change=True)
+    np.testing.assert_array_equal(np.asarray(restored.extra["encoder"]["proj"]), np.asarray(encoder_init(2, 4)["proj"]))
     assert checkpoint.complete_steps(tmp_path / "run" / "checkpoints") == [2]
     config.train.allow_frozen_change = True
     assert train(config, tmp_path / "run", data=pipeline(config)).step == 4
