@@ -76,7 +76,7 @@ def make_batch(task, config, batch: int, rng: np.random.Generator) -> dict:
 def run(name: str, *, batch: int | None = None, steps: int = 20, repeats: int = 3, seed: int = 0) -> dict:
     """Times the train step of ``name``; returns the JSON record (see the module docstring)."""
     from starflow2_jax import parallel
-    from starflow2_jax.train import FlowTask, create_state, make_optimizer, make_train_step, state_shardings
+    from starflow2_jax.train import create_state, families, make_optimizer, make_train_step, state_shardings
     from starflow2_jax.train.loop import resolve_config
 
     config = load(name)
@@ -85,8 +85,8 @@ def run(name: str, *, batch: int | None = None, steps: int = 20, repeats: int = 
     config = resolve_config(config)
     batch = int(config.data.batch_size)
     mesh = parallel.make_mesh(dict(config.mesh))
-    task = FlowTask.from_config(config)
-    optimizer, _ = make_optimizer(config.optim, int(config.train.steps))
+    task = families.make_task(config)
+    optimizer, _ = make_optimizer(config.optim, int(config.train.steps), trainable=task.trainable)
     ema = float(config.optim.ema_decay) > 0
     shardings = state_shardings(task, optimizer, mesh, ema=ema)
     state, extra = create_state(task, optimizer, shardings, jax.random.key(seed), ema=ema)

@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bpd.add_argument("--seed", type=int, default=0, metavar="S", help="dequantisation noise seed (default 0)")
     bpd.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                      help="use the EMA parameters when the run kept them (default: yes)")
+    bpd.add_argument("--allow-frozen-change", action="store_true",
+                     help="evaluate although a frozen part differs from the one the run recorded")
     bpd.add_argument("--verbose", action="store_true", help="keep the INFO logs of Orbax, grain and TFDS")
 
     fae = kinds.add_parser("fae", help="FAE reconstruction errors on a held-out split, as JSON",
@@ -48,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="write originals / reconstructions / pixel decoder on real features of the split's "
                           "first images here (atomically)")
     fae.add_argument("--num-grid", type=int, default=8, metavar="N", help="images in --grid (default 8)")
+    fae.add_argument("--allow-frozen-change", action="store_true",
+                     help="evaluate although the frozen DINOv2 differs from the one the run recorded")
     fae.add_argument("--verbose", action="store_true", help="keep the INFO logs of Orbax, grain and TFDS")
 
 
@@ -61,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = evaluate_bpd(args.workdir, split=args.split, num_samples=args.num_samples, seed=args.seed,
-                              ema=args.ema, batch_size=args.batch_size, out=args.out)
+                              ema=args.ema, batch_size=args.batch_size, out=args.out,
+                              allow_frozen_change=args.allow_frozen_change)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         return fail(f"{NAME} {args.evaluation}", error)
     print(json.dumps(result), flush=True)
@@ -76,7 +81,8 @@ def _run_fae(args: argparse.Namespace) -> int:
 
     try:
         result = evaluate_fae(args.workdir, split=args.split, batch_size=args.batch_size, out=args.out,
-                              grid=args.grid, num_grid=args.num_grid)
+                              grid=args.grid, num_grid=args.num_grid,
+                              allow_frozen_change=args.allow_frozen_change)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         return fail(f"{NAME} {args.evaluation}", error)
     print(json.dumps(result), flush=True)

@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, metavar="B", help="samples per sampler call")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                         help="use the EMA parameters when the run kept them (default: yes)")
+    parser.add_argument("--allow-frozen-change", action="store_true",
+                        help="sample although a frozen part (e.g. the FAE) differs from the one the run recorded")
     parser.add_argument("--verbose", action="store_true", help="keep the INFO logs of Orbax and JAX")
 
 
@@ -50,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = sample_from_workdir(args.workdir, args.out, label=args.label, prompt=args.prompt,
                                       guidance=args.guidance, jacobi=jacobi, num=args.num, seed=args.seed,
-                                      ema=args.ema, batch_size=args.batch_size)
+                                      ema=args.ema, batch_size=args.batch_size,
+                                      allow_frozen_change=args.allow_frozen_change)
     except (ValueError, FileNotFoundError) as error:
         return fail(NAME, error)
     print(json.dumps(summary), flush=True)

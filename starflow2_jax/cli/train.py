@@ -101,13 +101,9 @@ def run(args: argparse.Namespace) -> int:
     summary = {"workdir": workdir, "step": result.step, "interrupted": result.interrupted,
                "metrics": {k: v for k, v in result.metrics.items() if v == v}}  # NaN-free JSON
     print(json.dumps(summary), flush=True)
-    done = f"{'stopped by SIGTERM' if result.interrupted else 'done'} at step {result.step}. Next:\n"
-    if config.model.family == "fae":
-        following = {"ia": "ib", "ib": "ii"}.get(config.model.fae.stage)
-        note(done + (f"  the next stage: --config configs/fae.py:...,{following} --config.train.init_from={workdir}"
-                     if following else f"  a flow on this latent space: --config.model.latent.kind=fae "
-                                       f"--config.model.latent.fae_workdir={workdir}"))
-        return 0
-    note(done + f"  starflow2 sample --workdir {workdir} --out {os.path.join(workdir, 'grid.png')}\n"
-                f"  starflow2 eval bpd --workdir {workdir}")
+    done = f"{'stopped by SIGTERM' if result.interrupted else 'done'} at step {result.step}."
+    from starflow2_jax.train import families
+
+    hint = families.get(config.model.family).next_steps(config, workdir)
+    note(done + (f" Next:\n{hint}" if hint else ""))
     return 0

@@ -23,17 +23,23 @@ import numpy as np
 
 from starflow2_jax import atomic
 from starflow2_jax.eval.scoring import check_finite, check_int, score_split
-from starflow2_jax.train.restore import Restored, restore_workdir
+from starflow2_jax.train import families
+from starflow2_jax.train.restore import Restored, latest_step_dir, read_step_config, restore_workdir
+
+
+def check_bpd_config(config, workdir: os.PathLike | str) -> None:
+    """Raises ValueError unless ``config``'s family offers bits/dim and the run models pixels or patches."""
+    families.require(config, "bpd", os.fspath(workdir))
+    if config.model.latent.kind == "fae":
+        raise ValueError(f"bits/dim is defined for flows on pixels or pixel patches; {os.fspath(workdir)!r} is a "
+                         f"model.family={config.model.family!r} run with model.latent.kind="
+                         f"{config.model.latent.kind!r} (its training metrics report nll_per_dim instead)")
 
 
 def bpd_per_image(restored: Restored, workdir: os.PathLike | str, *, split: str, num_samples: int = 1, seed: int = 0,
                   batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(image indices (n,), mean bits/dim of each image over the num_samples passes (n,))``."""
-    config = restored.config
-    if config.model.family != "flow" or config.model.latent.kind == "fae":
-        raise ValueError(f"bits/dim is defined for flows on pixels or pixel patches; {os.fspath(workdir)!r} is a "
-                         f"model.family={config.model.family!r} run with model.latent.kind="
-                         f"{config.model.latent.kind!r} (its training metrics report nll_per_dim instead)")
+    check_bpd_config(restored.config, workdir)
     sums: dict[int, float] = {}
     counts: dict[int, int] = {}
     for scored in score_split(restored, workdir, split=split, batch_size=batch_size, noise="uniform",
@@ -53,7 +59,7 @@ def bpd_per_image(restored: Restored, workdir: os.PathLike | str, *, split: str,
 
 def evaluate_bpd(workdir: os.PathLike | str, *, split: str | None = None, num_samples: int = 1, seed: int = 0,
                  ema: bool = True, batch_size: int | None = None, out: os.PathLike | str | None = None,
-                 restored: Restored | None = None) -> dict:
+                 restored: Restored | None = None, allow_frozen_change: bool = False) -> dict:
     """Bits/dim of the latest complete checkpoint of ``workdir`` on ``split`` (default the run's
     ``data.eval_split``); see the module docstring. Returns (and writes to ``out``, atomically) a dict:
 
@@ -68,7 +74,9 @@ def evaluate_bpd(workdir: os.PathLike | str, *, split: str | None = None, num_sa
     seed = check_int("--seed", seed, 0)
     if out is not None and not os.fspath(out).endswith(".json"):
         raise ValueError(f"--out {os.fspath(out)!r}: expected a .json file name")
-    restored = restored if restored is not None else restore_workdir(workdir, ema=ema)
+    if restored is None:
+        check_bpd_config(read_step_config(latest_step_dir(workdir)[1]), workdir)  # before loading any weights
+        restored = restore_workdir(workdir, ema=ema, allow_frozen_change=allow_frozen_change)
     split = split or str(restored.config.data.eval_split)
     indices, per_image = bpd_per_image(restored, workdir, split=split, num_samples=num_samples, seed=seed,
                                        batch_size=batch_size)

@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from starflow2_jax import atomic, parallel
 from starflow2_jax.eval.scoring import check_finite, check_int, gather, score_split
 from starflow2_jax.fae import api as fae_api
+from starflow2_jax.train import families
 from starflow2_jax.train import images as image_lib
 from starflow2_jax.train.restore import Restored, latest_step_dir, read_step_config, restore_workdir
 
@@ -56,7 +57,7 @@ def _make_grid_step(restored: Restored):
     task, mesh, shardings = restored.task, restored.mesh, restored.shardings
     batch_sharding = NamedSharding(mesh, PartitionSpec(parallel.BATCH_AXES))
     jitted = jax.jit(functools.partial(_grid_rows, task.config),
-                     in_shardings=(shardings.state.params, shardings.extra, batch_sharding),
+                     in_shardings=(shardings.params, shardings.extra, batch_sharding),
                      out_shardings=(batch_sharding, batch_sharding))
 
     def rows(params, extra, images):
@@ -67,10 +68,11 @@ def _make_grid_step(restored: Restored):
 
 
 def check_fae_config(config, workdir: os.PathLike | str) -> None:
-    """Raises ValueError naming the family unless ``config`` is an FAE run's."""
-    if config.model.family != "fae":
-        raise ValueError(f"FAE reconstruction errors need an FAE workdir (configs/fae.py); {os.fspath(workdir)!r} "
-                         f"is a model.family={config.model.family!r} run")
+    """Raises ValueError naming the family unless ``config``'s family offers FAE reconstruction errors."""
+    try:
+        families.require(config, "fae", os.fspath(workdir))
+    except ValueError as error:
+        raise ValueError(f"FAE reconstruction errors need an FAE workdir (configs/fae.py): {error}") from None
 
 
 def fae_per_image(restored: Restored, workdir: os.PathLike | str, *, split: str, batch_size: int | None = None,
@@ -107,7 +109,7 @@ def fae_per_image(restored: Restored, workdir: os.PathLike | str, *, split: str,
 
 def evaluate_fae(workdir: os.PathLike | str, *, split: str | None = None, batch_size: int | None = None,
                  out: os.PathLike | str | None = None, grid: os.PathLike | str | None = None, num_grid: int = 8,
-                 restored: Restored | None = None) -> dict:
+                 restored: Restored | None = None, allow_frozen_change: bool = False) -> dict:
     """Reconstruction errors of the FAE in the latest complete checkpoint of ``workdir`` on ``split``
     (default the run's ``data.eval_split``); see the module docstring. Returns (and writes to ``out``,
     atomically) a dict:
@@ -128,7 +130,7 @@ def evaluate_fae(workdir: os.PathLike | str, *, split: str | None = None, batch_
         num_grid = check_int("--num-grid", num_grid, 1)
     if restored is None:
         check_fae_config(read_step_config(latest_step_dir(workdir)[1]), workdir)  # before loading any weights
-        restored = restore_workdir(workdir, ema=False)
+        restored = restore_workdir(workdir, ema=False, allow_frozen_change=allow_frozen_change)
     split = split or str(restored.config.data.eval_split)
     indices, per_image, tiles = fae_per_image(restored, workdir, split=split, batch_size=batch_size,
                                               num_grid=num_grid if grid is not None else 0)

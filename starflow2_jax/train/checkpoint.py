@@ -1,7 +1,8 @@
 """Checkpoints: an Orbax ``CheckpointManager`` over ``<workdir>/checkpoints/<step>/``.
 
-Items per step: ``state`` (the ``TrainState``), ``extra`` (non-trainable variables), ``data_iter``
-(every process's grain iterator state, one file each) and ``config`` (JSON). Restores take abstract
+Items per step: ``state`` (the ``TrainState``), ``extra`` (non-trainable variables, without the
+family's frozen parts: ``train.frozen``), ``data_iter`` (every process's grain iterator state, one
+file each) and ``config`` (JSON; it records each frozen part's source and fingerprint). Restores take abstract
 targets carrying the *current* mesh's shardings, so a checkpoint restores onto any mesh.
 
 Retention: the ``keep_last`` newest steps, plus every step that is a multiple of ``keep_every``
@@ -144,11 +145,14 @@ class Checkpointer:
     def restore(self, step: int, abstract_state, abstract_extra, data_iter: grain.DatasetIterator | None):
         """``(state, extra_vars)`` of ``step`` laid out as the abstract targets' shardings; restores
         ``data_iter`` in place (when given)."""
-        items = dict(state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.StandardRestore(abstract_extra))
+        items = dict(state=ocp.args.StandardRestore(abstract_state))
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored.state, restored.extra
+        # extra: a partial restore, so a step saved before frozen parts left it (they were in it) resumes
+        extra = restore_item(self.directory / str(step), "extra", abstract_extra) if jax.tree.leaves(abstract_extra) \
+            else abstract_extra
+        return restored.state, extra
 
     def read_config(self, step: int | None = None) -> dict:
         """The JSON config stored with ``step`` (default: the latest)."""
@@ -187,14 +191,131 @@ def resolve_step_dir(path: os.PathLike | str) -> epath.Path:
                             f"(expected a workdir, its {CHECKPOINT_SUBDIR}/ directory, or a step directory)")
 
 
-def load_params(path: os.PathLike | str, abstract_params, abstract_extra) -> tuple[Any, Any]:
-    """``(params, extra_vars)`` from the checkpoint at ``path`` (see ``resolve_step_dir``) only — no
-    optimiser state — laid out as the abstract targets' shardings."""
-    step_dir = resolve_step_dir(path)
-    target = {"params": abstract_params}
-    restored = ocp.PyTreeCheckpointer().restore(
-        step_dir / "state", args=ocp.args.PyTreeRestore(
+def read_config_json(step_dir: os.PathLike | str) -> dict:
+    """The raw JSON config stored with the checkpoint in ``step_dir`` (its ``config`` item), not
+    validated (``train.restore.read_step_config`` fills defaults and validates)."""
+    path = epath.Path(step_dir) / "config"
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {os.fspath(step_dir)!r} has no stored config (expected {os.fspath(path)})")
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as reader:
+        return dict(reader.restore(path))
+
+
+def stored_shapes(item_dir: os.PathLike | str) -> dict[str, tuple]:
+    """``{'a/b/c': (shape, dtype name)}`` of every array an Orbax PyTree item directory holds (its
+    metadata only; nothing is read)."""
+    metadata = ocp.PyTreeCheckpointer().metadata(epath.Path(item_dir))
+    tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {key_path(path): (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in flat if hasattr(leaf, "shape")}
+
+
+def key_path(path) -> str:
+    """A pytree key path as ``'a/b/c'`` (dict keys, sequence indices, attribute names)."""
+    parts = []
+    for key in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+    return "/".join(parts)
+
+
+def flat_shapes(tree) -> dict[str, tuple]:
+    """``{'a/b/c': shape}`` of every array (or ``ShapeDtypeStruct``) leaf of ``tree``."""
+    return {key_path(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def tree_differences(expected: dict[str, tuple], found: dict[str, tuple]) -> tuple[list, list, list]:
+    """``(missing, unexpected, mis-shaped)`` between two ``{path: shape}`` maps: paths only in
+    ``expected``, paths only in ``found``, and ``'path: expected S, found T'`` lines."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = [f"{k}: expected {expected[k]}, found {found[k]}" for k in sorted(set(expected) & set(found))
+                 if tuple(expected[k]) != tuple(found[k])]
+    return missing, unexpected, misshaped
+
+
+def describe_differences(missing, unexpected, misshaped, limit: int = 50) -> str:
+    """One message listing every difference (at most ``limit`` per kind, with the count)."""
+    lines = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if items:
+            shown = "\n    ".join(items[:limit])
+            more = f"\n    … and {len(items) - limit} more" if len(items) > limit else ""
+            lines.append(f"  {len(items)} {title}:\n    {shown}{more}")
+    return "\n".join(lines)
+
+
+def restore_item(step_dir: os.PathLike | str, item: str, target) -> Any:
+    """The subtree ``target`` (abstract arrays with shardings; a prefix of what is stored) of the
+    PyTree item ``item`` of ``step_dir``; stored entries ``target`` lacks are not read."""
+    with ocp.PyTreeCheckpointer() as reader:
+        return reader.restore(epath.Path(step_dir) / item, args=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
-    extra = ocp.StandardCheckpointer().restore(step_dir / "extra", abstract_extra)
+
+
+def _drop(tree: dict, paths: set[str], prefix: str = "") -> dict:
+    """``tree`` (nested dicts) without the leaves at ``paths`` (and without emptied dicts)."""
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            kept = _drop(value, paths, path + "/")
+            if kept:
+                out[key] = kept
+        elif path not in paths:
+            out[key] = value
+    return out
+
+
+def _graft(base: dict, new: dict) -> dict:
+    """``base`` with the leaves of ``new`` (nested dicts, a subset of ``base``'s paths) put in."""
+    out = dict(base)
+    for key, value in new.items():
+        out[key] = _graft(base[key], value) if isinstance(value, dict) else value
+    return out
+
+
+def load_params(path: os.PathLike | str, abstract_params, abstract_extra, *, fresh_params=None,
+                new_patterns: tuple[str, ...] = ()) -> tuple[Any, Any]:
+    """``(params, extra_vars)`` from the checkpoint at ``path`` (see ``resolve_step_dir``) only — no
+    optimiser state — laid out as the abstract targets' shardings.
+
+    The stored parameter tree must equal ``abstract_params`` (paths and shapes) except for the
+    parameters matching ``new_patterns`` (fnmatch over ``'a/b/c'`` paths): those come from
+    ``fresh_params`` (this run's fresh initialisation) and are logged. Otherwise ValueError listing
+    every missing, unexpected and mis-shaped parameter (and every pattern that matches nothing).
+    ``abstract_extra``: the non-frozen extra variables, restored as stored (same check).
+    """
+    import fnmatch
+
+    step_dir = resolve_step_dir(path)
+    expected = flat_shapes(abstract_params)
+    new = sorted(k for k in expected if any(fnmatch.fnmatchcase(k, p) for p in new_patterns))
+    unused = [p for p in new_patterns if not any(fnmatch.fnmatchcase(k, p) for k in expected)]
+    stored = stored_shapes(step_dir / "state")
+    found = {k[len("params/"):]: shape for k, (shape, _) in stored.items() if k.startswith("params/")}
+    missing, unexpected, misshaped = tree_differences({k: v for k, v in expected.items() if k not in new},
+                                                      {k: v for k, v in found.items() if k not in new})
+    extra_expected = flat_shapes(abstract_extra)
+    extra_found = {k: shape for k, (shape, _) in stored_shapes(step_dir / "extra").items()} \
+        if (step_dir / "extra").exists() else {}
+    e_missing, _, e_misshaped = tree_differences(extra_expected, extra_found)  # stored frozen parts: ignored
+    missing += [f"(extra) {k}" for k in e_missing]
+    misshaped += [f"(extra) {k}" for k in e_misshaped]
+    if missing or unexpected or misshaped or unused:
+        unused_text = f"\n  train.init_new patterns matching no parameter: {unused}" if unused else ""
+        raise ValueError(
+            f"train.init_from={os.fspath(path)!r}: the parameters of {os.fspath(step_dir)} do not match this "
+            f"run's (declare the parameters that are new in this stage in train.init_new):\n"
+            f"{describe_differences(missing, unexpected, misshaped)}{unused_text}")
+    target = {"params": _drop(abstract_params, set(new))}
+    restored = restore_item(step_dir, "state", target)["params"]
+    params = _graft(fresh_params, restored) if new else restored
+    extra = restore_item(step_dir, "extra", abstract_extra) if extra_expected else abstract_extra
+    if new:
+        logging.info("train.init_from: %d parameters are new in this stage and initialised fresh (train.init_new "
+                     "%s):\n  %s", len(new), list(new_patterns), "\n  ".join(new))
     logging.info("initialised params from %s", os.fspath(step_dir))
-    return restored["params"], extra
+    return params, extra

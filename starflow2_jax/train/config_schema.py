@@ -4,8 +4,13 @@
 ``configs/`` start from it and override); ``validate(config)`` checks it once, up front, and raises
 ``ValueError`` naming the offending field (``model.flow.factory='x': expected one of ...``).
 
+The ``model.*`` fields besides ``model.family`` belong to the model families (``train.families``):
+each family adds its section's defaults and checks it (the 'flow' and 'fae' sections are listed here
+for reference; their definitions live in ``train.tasks.flow`` / ``train.tasks.fae``).
+
     seed                      int; parameter init, the train rng and the data pipeline's seed
-    model.family              'flow' (TarFlow / STARFlow, model.flow.*) | 'fae' (an FAE stage, model.fae.*)
+    model.family              a registered family: 'flow' (TarFlow / STARFlow, model.flow.*) | 'fae' (an FAE
+                              stage, model.fae.*) (see train.families)
     model.flow.factory        'starflow' | 'tarflow': ``flow.starflow_config`` / ``flow.tarflow_config``
     model.flow.kwargs         dict of keyword arguments for the factory (for conditioning 'caption'
                               the trainer adds txt_size / txt_dim from model.text)
@@ -24,15 +29,20 @@
     model.latent.patch        'patches': p (0: take kwargs.patch_size)
     model.latent.image_size   'patches': pixel size (0: kwargs.img_size); 'fae': filled from the FAE
     model.latent.channels     'patches': pixel channels (0: kwargs.in_channels); 'fae': 3
-    model.latent.fae_workdir  'fae': the workdir of the FAE's last stage (its latest checkpoint is used)
+    model.latent.fae_workdir  'fae': the workdir of the FAE's last stage (its latest checkpoint is used):
+                              the frozen part 'latent' (train.frozen), loaded at every start
+    model.latent.fae_dtype    'fae': dtype the frozen FAE is loaded in ('': the FAE's own compute dtype)
     model.latent.fae          'fae': the FAE's config (fae.fae_config_to_dict), filled by the trainer from
                               fae_workdir, so a stored run describes its latent space without it
     model.latent.noise_std    Gaussian noise added to the latents in training (0: none)
     model.fae.stage           'ia' | 'ib' | 'ii' (see train.tasks.fae); run in that order with init_from
     model.fae.dinov2          dict of fae.Dinov2Config fields of the frozen encoder (with
                               dinov2_checkpoint: the fields it must have, the rest filled from it)
-    model.fae.dinov2_checkpoint  '' (random DINOv2: tests, tiny runs) | a Hugging Face Dinov2Model /
-                              Dinov2WithRegistersModel directory
+    model.fae.dinov2_checkpoint  the frozen DINOv2's source (train.frozen): '' (random from the seed:
+                              tests, tiny runs; with train.init_from: that run's DINOv2) | a Hugging
+                              Face Dinov2Model / Dinov2WithRegistersModel directory | an Orbax
+                              checkpoint with a 'params' item | an earlier run's workdir
+    model.fae.dinov2_dtype    dtype the frozen DINOv2 is loaded in ('': model.fae.dtype)
     model.fae.<size fields>   image_size, encoder_image_size, latent_dim, encoder_heads,
                               feature_decoder_{width,layers,heads,mlp_ratio},
                               pixel_decoder_{width,layers,heads,mlp_ratio} (see fae.FAEConfig)
@@ -70,58 +80,49 @@
     train.max_nonfinite_steps stop with NonFiniteLossError after K non-finite steps in a row
     train.init_from           '' or an Orbax checkpoint (a workdir, its checkpoints/ dir or a step dir)
                               whose params start a fresh run (used only when this workdir has none)
+    train.init_new            patterns (fnmatch, over '/'-joined parameter paths such as 'flow/bridge/*') of
+                              the parameters that are new in this stage: with init_from they are
+                              initialised fresh (and logged); every other difference between the two
+                              parameter trees is an error listing all of them
+    train.allow_frozen_change resume although a frozen part's source or content changed (default False:
+                              an error naming the part)
+    train.frozen_copy         write each frozen part once to <workdir>/frozen/<name> (a self-contained run;
+                              later stages and restores may point at it)
     train.async_checkpoint    write checkpoints in the background
     mesh.data, fsdp, tensor   mesh axis sizes; one may be −1 (the rest of the devices)
     sample.guidance           list of guidance weights, one grid panel each
     sample.per_class          samples per class (label) / per prompt (caption) / rows (none)
     sample.prompts            captions for the grid (caption conditioning; empty: one per digit)
     sample.jacobi.*           block_size (0 = sequential sampling), threshold, max_iters
+    frozen.<part>             filled by the trainer: each frozen part's resolved source and fingerprint
+                              (train.frozen.load_parts); compared at resume
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import ml_collections
 
-from starflow2_jax.fae.losses import PIXEL_KINDS as PIXEL_LOSSES
-from starflow2_jax.nn.remat import REMAT_POLICIES
+from starflow2_jax.train import families
+from starflow2_jax.train.config_fields import DTYPES, REMAT  # noqa: F401  (re-exported: one list everywhere)
+from starflow2_jax.train.config_fields import choice as _choice
+from starflow2_jax.train.config_fields import float_field as _float
+from starflow2_jax.train.config_fields import get as _get
+from starflow2_jax.train.config_fields import int_field as _int
+from starflow2_jax.train.tasks.fae import STAGES as FAE_STAGES  # noqa: F401  (configs/fae.py reads it here)
 
-FAMILIES = ("flow", "fae")
-FACTORIES = ("starflow", "tarflow")
-LATENTS = ("pixels", "patches", "fae")
-FAE_STAGES = ("ia", "ib", "ii")  # train.tasks.fae: pixel decoder, encoder + feature decoder, pixel fine-tune
-PERCEPTUAL = ("dinov2", "none")
-CONDITIONING = ("label", "caption", "none")
 BUILDERS = ("digits", "photos", "directory")
 NOISE = ("none", "uniform", "gaussian")
-DTYPES = ("float32", "bfloat16", "float16")
-REMAT = tuple(REMAT_POLICIES)  # the policies nn.remat_layer knows, one list for every model
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Every trainer field with its default (a tiny unconditional STARFlow on the digits)."""
+    """Every trainer field with its default (a tiny unconditional STARFlow on the digits), the
+    sections of every registered family included."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = ml_collections.ConfigDict()
     c.model.family = "flow"
-    c.model.flow = ml_collections.ConfigDict(dict(
-        factory="starflow", kwargs=ml_collections.ConfigDict(dict(
-            in_channels=1, img_size=8, patch_size=2, channels=64, layers_per_block=[1, 1], head_dim=32)),
-        dtype="float32", remat="none"))
-    c.model.conditioning = "none"
-    c.model.text = ml_collections.ConfigDict(dict(max_len=8, dim=32, vocab=()))
-    c.model.latent = ml_collections.ConfigDict(dict(kind="pixels", patch=0, image_size=0, channels=0,
-                                                    fae_workdir="", fae=ml_collections.ConfigDict(),
-                                                    noise_std=0.0))
-    c.model.fae = ml_collections.ConfigDict(dict(
-        stage="ib", dinov2=ml_collections.ConfigDict(dict(
-            hidden_size=32, num_layers=2, num_heads=4, mlp_ratio=4.0, patch_size=4, image_size=32)),
-        dinov2_checkpoint="", image_size=32, encoder_image_size=0, latent_dim=8, encoder_heads=2,
-        feature_decoder_width=32, feature_decoder_layers=2, feature_decoder_heads=2, feature_decoder_mlp_ratio=8 / 3,
-        pixel_decoder_width=32, pixel_decoder_layers=2, pixel_decoder_heads=2, pixel_decoder_mlp_ratio=4.0,
-        dtype="float32", remat="none", kl_weight=1e-4, noise_sigma=0.4, pixel_loss="l2", perceptual="dinov2",
-        perceptual_weight=1.0, gan_weight=0.0, lecam_weight=0.0, disc_channels=32, disc_layers=2, stats_batches=8))
     c.data = ml_collections.ConfigDict(dict(
         builder="digits", data_dir="", split="train", eval_split="test", levels=16, noise="uniform",
         noise_std=0.0, label_drop=0.1, caption_drop=0.1, batch_size=64, worker_count=0, image_size=0,
@@ -131,48 +132,16 @@ def base_config() -> ml_collections.ConfigDict:
         clip_norm=1.0, ema_decay=0.0))
     c.train = ml_collections.ConfigDict(dict(
         steps=1000, grad_accum=1, log_every=50, sample_every=0, checkpoint_every=500, keep_last=3,
-        keep_every=0, max_nonfinite_steps=20, init_from="", async_checkpoint=True))
+        keep_every=0, max_nonfinite_steps=20, init_from="", init_new=(), allow_frozen_change=False,
+        frozen_copy=False, async_checkpoint=True))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sample = ml_collections.ConfigDict(dict(
         guidance=[0.0], per_class=4, prompts=(),
         jacobi=ml_collections.ConfigDict(dict(block_size=0, threshold=1e-3, max_iters=32))))
+    c.frozen = ml_collections.ConfigDict()
+    for family in families.all_families():
+        family.add_defaults(c)
     return c
-
-
-def _get(config, path: str):
-    node = config
-    for part in path.split("."):
-        if part not in node:
-            raise ValueError(f"config field {path!r} is missing (see starflow2_jax.train.config_schema)")
-        node = node[part]
-    return node
-
-
-def _int(config, path: str, minimum: int | None = None, allow: Sequence[int] = ()) -> int:
-    value = _get(config, path)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{path}={value!r}: expected an int")
-    if value in allow:
-        return value
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{path}={value!r}: expected an int >= {minimum}")
-    return value
-
-
-def _float(config, path: str, low: float | None = None, high: float | None = None) -> float:
-    value = _get(config, path)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{path}={value!r}: expected a number")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{path}={value!r}: expected a number in [{low}, {high}]")
-    return float(value)
-
-
-def _choice(config, path: str, allowed: Sequence[str]) -> str:
-    value = _get(config, path)
-    if value not in allowed:
-        raise ValueError(f"{path}={value!r}: expected one of {tuple(allowed)}")
-    return value
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -181,48 +150,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     Raises ValueError whose message starts with the dotted name of the first bad field.
     """
     _int(config, "seed", 0)
-    family = _choice(config, "model.family", FAMILIES)
-    if family == "fae":
-        _validate_fae(config)
-    factory = _choice(config, "model.flow.factory", FACTORIES)
-    kwargs = _get(config, "model.flow.kwargs")
-    if not hasattr(kwargs, "keys"):
-        raise ValueError(f"model.flow.kwargs={kwargs!r}: expected a dict of factory arguments")
-    _choice(config, "model.flow.dtype", DTYPES)
-    _choice(config, "model.flow.remat", REMAT)
-    cond = _choice(config, "model.conditioning", CONDITIONING)
-    num_classes = kwargs.get("num_classes", 0)
-    if cond == "label" and not num_classes:
-        raise ValueError("model.flow.kwargs.num_classes must be > 0 for model.conditioning='label'")
-    if cond != "label" and num_classes:
-        raise ValueError(f"model.flow.kwargs.num_classes={num_classes} needs model.conditioning='label' "
-                         f"(got {cond!r})")
-    for key in ("txt_size", "txt_dim"):
-        if key in kwargs:
-            raise ValueError(f"model.flow.kwargs.{key}: set model.text.max_len / model.text.dim instead "
-                             f"(the trainer passes them to the factory for caption conditioning)")
-    if cond == "caption":
-        if factory != "starflow":
-            raise ValueError(f"model.flow.factory={factory!r}: caption conditioning needs 'starflow' "
-                             f"(TarFlow has no text prefix)")
-        _int(config, "model.text.max_len", 1)
-        _int(config, "model.text.dim", 1)
-        vocab = _get(config, "model.text.vocab")
-        if isinstance(vocab, str) or not all(isinstance(t, str) for t in vocab):
-            raise ValueError(f"model.text.vocab={vocab!r}: expected a list of strings")
-        if not vocab and _get(config, "data.builder") != "digits":
-            raise ValueError("model.text.vocab is empty: list the captions (or words) of your data "
-                             "(only data.builder='digits' fills it automatically)")
-
-    kind = _choice(config, "model.latent.kind", LATENTS)
-    for field in ("patch", "image_size", "channels"):
-        _int(config, f"model.latent.{field}", 0)
-    _float(config, "model.latent.noise_std", 0.0)
-    if not hasattr(_get(config, "model.latent.fae"), "keys"):
-        raise ValueError(f"model.latent.fae={config.model.latent.fae!r}: expected a dict (the trainer fills it)")
-    if family == "flow" and kind == "fae" and not _get(config, "model.latent.fae_workdir"):
-        raise ValueError("model.latent.fae_workdir is empty: model.latent.kind='fae' needs the workdir of a "
-                         "trained FAE (its last stage)")
+    family = _choice(config, "model.family", families.names())
+    families.get(family).validate(config)
 
     _choice(config, "data.builder", BUILDERS)
     if _get(config, "data.builder") == "directory" and not _get(config, "data.data_dir"):
@@ -269,8 +198,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _int(config, "train.max_nonfinite_steps", 1)
     if not isinstance(_get(config, "train.init_from"), str):
         raise ValueError(f"train.init_from={config.train.init_from!r}: expected a path string ('' for none)")
-    if not isinstance(_get(config, "train.async_checkpoint"), bool):
-        raise ValueError(f"train.async_checkpoint={config.train.async_checkpoint!r}: expected a bool")
+    patterns = _get(config, "train.init_new")
+    if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(f"train.init_new={patterns!r}: expected a list of non-empty patterns such as 'flow/bridge/*'")
+    for field in ("allow_frozen_change", "frozen_copy", "async_checkpoint"):
+        if not isinstance(_get(config, f"train.{field}"), bool):
+            raise ValueError(f"train.{field}={config.train[field]!r}: expected a bool")
+    if not hasattr(_get(config, "frozen"), "keys"):
+        raise ValueError(f"frozen={config.frozen!r}: expected a dict (the trainer fills it)")
 
     minus_one = [axis for axis in ("data", "fsdp", "tensor") if _int(config, f"mesh.{axis}", 1, allow=(-1,)) == -1]
     if len(minus_one) > 1:
@@ -287,34 +222,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _float(config, "sample.jacobi.threshold", 0.0)
     _int(config, "sample.jacobi.max_iters", 1)
     return config
-
-
-def _validate_fae(config) -> None:
-    _choice(config, "model.fae.stage", FAE_STAGES)
-    dino = _get(config, "model.fae.dinov2")
-    if not hasattr(dino, "keys"):
-        raise ValueError(f"model.fae.dinov2={dino!r}: expected a dict of fae.Dinov2Config fields")
-    if not isinstance(_get(config, "model.fae.dinov2_checkpoint"), str):
-        raise ValueError("model.fae.dinov2_checkpoint: expected a path string ('' for a random DINOv2)")
-    for field in ("image_size", "latent_dim", "encoder_heads", "feature_decoder_width", "feature_decoder_layers",
-                  "feature_decoder_heads", "pixel_decoder_width", "pixel_decoder_layers", "pixel_decoder_heads",
-                  "disc_channels", "disc_layers", "stats_batches"):
-        _int(config, f"model.fae.{field}", 1)
-    _int(config, "model.fae.encoder_image_size", 0)
-    for field in ("feature_decoder_mlp_ratio", "pixel_decoder_mlp_ratio"):
-        if _float(config, f"model.fae.{field}", 0.0) <= 0:
-            raise ValueError(f"model.fae.{field}: expected a positive number")
-    for field in ("kl_weight", "noise_sigma", "perceptual_weight", "gan_weight", "lecam_weight"):
-        _float(config, f"model.fae.{field}", 0.0)
-    _choice(config, "model.fae.pixel_loss", PIXEL_LOSSES)
-    _choice(config, "model.fae.perceptual", PERCEPTUAL)
-    _choice(config, "model.fae.dtype", DTYPES)
-    _choice(config, "model.fae.remat", REMAT)
-    if _float(config, "optim.ema_decay", 0.0) > 0:
-        raise ValueError(f"optim.ema_decay={config.optim.ema_decay}: must be 0 for model.family='fae' (each stage "
-                         f"hands its raw params to the next, and the latent statistics are computed from them)")
-    if _get(config, "model.latent.kind") != "pixels":
-        raise ValueError("model.latent.kind applies to flows; leave it 'pixels' for model.family='fae'")
 
 
 def to_json_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

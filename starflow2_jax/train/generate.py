@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from starflow2_jax import atomic, flow
+from starflow2_jax.train import families
 from starflow2_jax.train import images as image_lib
-from starflow2_jax.train.restore import Restored, restore_workdir
+from starflow2_jax.train.restore import Restored, latest_step_dir, read_step_config, restore_workdir
 from starflow2_jax.train.tasks.vocab import UNK_ID, split_words
 
 UNCONDITIONAL_COLUMNS = 8
@@ -216,15 +217,17 @@ def write_samples(samples: Samples, out: os.PathLike | str, summary: dict, level
 def sample_from_workdir(workdir: os.PathLike | str, out: os.PathLike | str, *, label: int | None = None,
                         prompt: str | None = None, guidance: float = 0.0,
                         jacobi: flow.JacobiOptions | None | str = "config", num: int | None = None, seed: int = 0,
-                        ema: bool = True, batch_size: int = 256, restored: Restored | None = None) -> dict:
+                        ema: bool = True, batch_size: int = 256, restored: Restored | None = None,
+                        allow_frozen_change: bool = False) -> dict:
     """Samples from the latest complete checkpoint of ``workdir`` and writes ``out`` (a ``.png``) with
     its ``.npz`` and ``.json`` beside it (see the module docstring). Returns the JSON summary.
 
     ``jacobi``: ``'config'`` (the run's ``sample.jacobi``), None / ``'off'`` (sequential), a
     ``JacobiOptions`` or ``'BLOCK,THRESHOLD,MAX_ITERS'``. ``ema``: use the EMA parameters when the run
     kept them. ``restored``: a ``restore_workdir`` result to reuse (then ``workdir``/``ema`` are not
-    read again). Raises ValueError / FileNotFoundError naming the offending argument; nothing is
-    written then.
+    read again). ``allow_frozen_change``: sample although a frozen part no longer matches the
+    fingerprint the run recorded. Raises ValueError / FileNotFoundError naming the offending argument;
+    nothing is written then.
     """
     start = time.perf_counter()
     paths = _output_paths(out)
@@ -233,11 +236,10 @@ def sample_from_workdir(workdir: os.PathLike | str, out: os.PathLike | str, *, l
     _check_request(guidance, seed, batch_size, num)
     if restored is None and "://" not in os.fspath(workdir):
         workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
-    restored = restored if restored is not None else restore_workdir(workdir, ema=ema)
-    if restored.config.model.family != "flow":
-        raise ValueError(f"--workdir {os.fspath(workdir)!r} holds a model.family={restored.config.model.family!r} "
-                         f"run; sampling needs a flow (an FAE is evaluated with `starflow2 eval fae`, and a flow "
-                         f"trained on its latents samples through it)")
+    if restored is None:
+        families.require(read_step_config(latest_step_dir(workdir)[1]), "sample", workdir)  # before any weights
+        restored = restore_workdir(workdir, ema=ema, allow_frozen_change=allow_frozen_change)
+    families.require(restored.config, "sample", workdir)
     samples = generate(restored, label=label, prompt=prompt, guidance=guidance, jacobi=jacobi, num=num, seed=seed,
                        batch_size=batch_size)
     used_jacobi = restored.task.jacobi if isinstance(jacobi, str) else jacobi

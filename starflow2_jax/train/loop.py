@@ -3,7 +3,10 @@ checkpoints, metrics, sample grids, preemption and non-finite handling.
 
 Workdir layout::
 
-    checkpoints/<step>/{state,extra,data_iter,config}   Orbax (see train.checkpoint)
+    checkpoints/<step>/{state,extra,data_iter,config}   Orbax (see train.checkpoint); ``extra`` without
+                                                       the family's frozen parts
+    frozen/<part>/                                     only with train.frozen_copy: one copy of each
+                                                       frozen part, written once (train.frozen)
     config.json                                        the resolved config of the latest start
     metrics.jsonl                                      one JSON line per log_every steps
     samples/step_XXXXXX.png                            grids (EMA params when optim.ema_decay > 0), one
@@ -11,6 +14,8 @@ Workdir layout::
     tensorboard/                                       only when TensorFlow is installed
 
 Resume order: this workdir's latest complete checkpoint → ``train.init_from`` (params only) → scratch.
+Frozen parts (``train.frozen``) are loaded from their sources at every start, before anything is
+written to the workdir; a resume whose frozen sources changed stops (``train.allow_frozen_change``).
 SIGTERM: the handler only sets a flag; the loop then saves the current step (blocking) and returns
 normally (a CLI built on it exits 0). Non-finite steps are rejected by the step function; after
 ``train.max_nonfinite_steps`` of them in a row the loop raises ``NonFiniteLossError`` without saving,
@@ -37,15 +42,16 @@ from jax.experimental import multihost_utils
 
 from starflow2_jax import atomic, parallel
 from starflow2_jax.train import checkpoint as ckpt_lib
+from starflow2_jax.train import families
+from starflow2_jax.train import frozen as frozen_lib
 from starflow2_jax.train import images as image_lib
 from starflow2_jax.train import inputs
 from starflow2_jax.train import metrics as metrics_lib
 from starflow2_jax.train.config_schema import to_json_dict, validate
 from starflow2_jax.train.optim import make_optimizer
-from starflow2_jax.train.state import TrainState
+from starflow2_jax.train.state import TrainState, ema_copy
 from starflow2_jax.train.step import create_state, make_train_step, state_shardings
 from starflow2_jax.train.task import Task
-from starflow2_jax.train.tasks import task_from_config
 
 LAST_VALUE_METRICS = ("lr", "skipped_steps", "nonfinite_streak", "update_ok")
 
@@ -90,43 +96,45 @@ class _SignalFlag:
 
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A validated copy of ``config`` with data-dependent defaults filled in (caption vocabulary and
-    grid prompts for the digits; the latent view of ``model.latent``; a DINOv2 checkpoint's config),
-    so the stored config fully determines the model."""
+    """A validated copy of ``config`` with data-dependent defaults filled in by its family (caption
+    vocabulary and grid prompts for the digits; the latent view of ``model.latent``; a DINOv2
+    checkpoint's config), so the stored config fully determines the model."""
     config = ml_collections.ConfigDict(config.to_dict())
     validate(config)
-    if config.model.family == "fae":
-        from starflow2_jax.train.tasks.fae import resolve_dinov2
-
-        resolve_dinov2(config)
-    else:
-        from starflow2_jax.train.latents import resolve_latent
-
-        resolve_latent(config)
-        validate(config)
-    if config.model.conditioning == "caption":
-        vocab, prompts = inputs.default_captions(config)
-        config.model.text.vocab = tuple(vocab)
-        config.sample.prompts = tuple(prompts)
+    families.get(config.model.family).resolve(config)
     return config
 
 
-def _initial_state(config, task, optimizer, shardings, checkpointer, data_iter, ema: bool):
+def _check_resume(config, workdir: str, records: dict) -> None:
+    """At a resume, the frozen parts just loaded must be the ones the latest checkpoint recorded."""
+    root = os.path.join(workdir, ckpt_lib.CHECKPOINT_SUBDIR)
+    steps = ckpt_lib.complete_steps(root)
+    if not steps:
+        return
+    stored = ckpt_lib.read_config_json(os.path.join(root, str(steps[-1]))).get("frozen", {})
+    frozen_lib.check_unchanged(stored, records, allow=bool(config.train.allow_frozen_change),
+                               where=f"step {steps[-1]} of {workdir}")
+
+
+def _initial_state(config, task, optimizer, shardings, checkpointer, data_iter, ema: bool, frozen: dict):
+    """``(state, extra)``: resumed, from ``train.init_from`` or fresh; ``frozen`` (the loaded frozen
+    parts) completes the extra vars (they are never in a checkpoint)."""
+    names = tuple(frozen)
+    abstract_extra = {k: v for k, v in shardings.abstract_extra.items() if k not in names}
     latest = checkpointer.latest_step()
     if latest is not None:
-        state, extra = checkpointer.restore(latest, shardings.abstract_state, shardings.abstract_extra, data_iter)
+        state, extra = checkpointer.restore(latest, shardings.abstract_state, abstract_extra, data_iter)
         logging.info("resumed from %s at step %d", os.fspath(checkpointer.directory), latest)
-        return state, extra
-    state, extra = create_state(task, optimizer, shardings, jax.random.key(int(config.seed)), ema=ema)
-    if not config.train.init_from:
-        if hasattr(task, "load_frozen"):
-            extra = task.load_frozen(extra, shardings.extra)  # pretrained frozen parts (e.g. DINOv2)
-        return state, extra
-    params, extra = ckpt_lib.load_params(config.train.init_from, shardings.abstract_state.params,
-                                         shardings.abstract_extra)
-    state = state.replace(params=params, ema_params=jax.tree.map(lambda p: p.copy(), params) if ema else None)
-    logging.info("starting from the params of %s", config.train.init_from)
-    return state, extra
+        return state, {**extra, **frozen}
+    state, extra = create_state(task, optimizer, shardings, jax.random.key(int(config.seed)), ema=ema,
+                                skip_extra=names)
+    if config.train.init_from:
+        params, extra = ckpt_lib.load_params(config.train.init_from, shardings.abstract_state.params, abstract_extra,
+                                             fresh_params=state.params, new_patterns=tuple(config.train.init_new))
+        trainable = task.trainable(params) if task.trainable is not None else None
+        state = state.replace(params=params, ema_params=ema_copy(params, trainable) if ema else None)
+        logging.info("starting from the params of %s", config.train.init_from)
+    return state, {**extra, **frozen}
 
 
 def _log_parameters(params) -> None:
@@ -170,24 +178,35 @@ def train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, task
     Args:
       config: a training config (see ``train.config_schema``); validated here.
       workdir: checkpoints, metrics and samples go here (see the module docstring).
-      task: the ``Task`` to train (default ``tasks.task_from_config(config)``).
+      task: the ``Task`` to train (default: the one ``config.model.family`` makes, ``train.families``).
       data: this process's stream of batches (default: built from ``config.data``); its iterator
         state is checkpointed, so it must be a grain ``IterDataset``.
       stop_after: stop (with a checkpoint) once this step is reached, though the LR schedule still
         spans ``train.steps`` — for jobs that train in slices.
     Raises:
+      FileNotFoundError / ValueError: a bad frozen-part source or a changed one at resume (raised
+        before anything is written to ``workdir``); an ``init_from`` checkpoint whose parameters differ.
       NonFiniteLossError: ``train.max_nonfinite_steps`` non-finite steps in a row (nothing saved for them).
     """
     config = resolve_config(config)
     workdir = os.fspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
     tc = config.train
     total = int(tc.steps) if stop_after is None else min(int(tc.steps), int(stop_after))
     mesh = parallel.make_mesh(dict(config.mesh))
-    task = task if task is not None else task_from_config(config)
-    optimizer, _ = make_optimizer(config.optim, int(tc.steps), trainable=getattr(task, "trainable", None))
+    family = families.get(config.model.family)
+    task = task if task is not None else family.make_task(config)
+    optimizer, _ = make_optimizer(config.optim, int(tc.steps), trainable=task.trainable)
     ema = float(config.optim.ema_decay) > 0
     shardings = state_shardings(task, optimizer, mesh, ema=ema)
+    # frozen parts: loaded (and checked) at every start, before anything is written to the workdir
+    frozen, records = frozen_lib.load_parts(family.frozen_parts(config), shardings.abstract_extra,
+                                            seed=int(config.seed), init_from=str(tc.init_from))
+    _check_resume(config, workdir, records)
+    config.frozen = ml_collections.ConfigDict(records)
+    os.makedirs(workdir, exist_ok=True)
+    if tc.frozen_copy:
+        for name, tree in frozen.items():
+            frozen_lib.write_copy(workdir, name, tree, records[name])
     data = data if data is not None else inputs.make_train_data(config, workdir)
     data_iter = iter(data)
     config_json = to_json_dict(config)
@@ -201,7 +220,7 @@ def train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, task
         stack.callback(writer.close)
         stack.callback(checkpointer.close)
         flag = stack.enter_context(_SignalFlag())  # early: a SIGTERM during compile still ends in a save
-        state, extra = _initial_state(config, task, optimizer, shardings, checkpointer, data_iter, ema)
+        state, extra = _initial_state(config, task, optimizer, shardings, checkpointer, data_iter, ema, frozen)
         step = int(jax.device_get(state.step))
         if jax.process_index() == 0:
             _log_parameters(state.params)
@@ -211,7 +230,8 @@ def train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, task
         last_metrics: dict = {}
 
         def save(wait: bool = False) -> bool:
-            return checkpointer.save(step, state, extra, data_iter, config_json, wait=wait)
+            saved_extra = {k: v for k, v in extra.items() if k not in frozen}  # frozen parts: never saved
+            return checkpointer.save(step, state, saved_extra, data_iter, config_json, wait=wait)
 
         def check(at_step: int, step_metrics: dict) -> int:
             """The non-finite streak after ``at_step``; raises once it reaches the limit."""
@@ -262,7 +282,7 @@ def train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, task
         streak = check(*pending) if pending is not None else int(jax.device_get(state.nonfinite_streak))
         if history:
             last_metrics = _mean_metrics(history)
-        if finished and not streak and not flag.received and hasattr(task, "finalize"):
+        if finished and not streak and not flag.received and task.finalize is not None:
             extra = task.finalize(state.params, extra, data_iter)  # e.g. the FAE's latent statistics
         if flag.received:
             checkpointer.wait()

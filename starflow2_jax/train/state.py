@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -33,17 +34,41 @@ class TrainState:
 
     @classmethod
     def create(cls, params, optimizer: optax.GradientTransformation, rng: jax.Array, *,
-               ema: bool = False) -> "TrainState":
+               ema: bool = False, trainable=None) -> "TrainState":
         """Step 0 state for ``params`` (works on boxed params too, so ``jax.eval_shape`` of it keeps
-        the logical axis names that shardings are derived from). ``rng``: raw uint32 key data (2,)."""
+        the logical axis names that shardings are derived from). ``rng``: raw uint32 key data (2,).
+        ``trainable``: the task's labels for ``params`` (None: every leaf trains), for the EMA."""
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                   ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+                   ema_params=ema_copy(params, trainable) if ema else None,
                    rng=jnp.asarray(rng, jnp.uint32), skipped_steps=jnp.zeros((), jnp.int32),
                    nonfinite_streak=jnp.zeros((), jnp.int32))
 
     def step_rng(self) -> jax.Array:
         """A typed PRNG key for this step: ``fold_in(key(rng), step)``."""
         return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.Partitioned)
+
+
+def ema_copy(params, trainable=None):
+    """A copy of ``params`` for the EMA with None at every leaf ``trainable`` labels False (a frozen
+    leaf needs no average); every leaf without labels. Works on boxed params (a frozen box → None)."""
+    if trainable is None:
+        return jax.tree.map(jnp.copy, params)
+
+    def copy(p, label):
+        label = label.value if _is_box(label) else label
+        return None if label is False else jax.tree.map(jnp.copy, p)
+
+    return jax.tree.map(copy, params, trainable, is_leaf=_is_box)
+
+
+def ema_update(ema, params, decay: float, ok: jax.Array):
+    """``decay·ema + (1 − decay)·params`` on the EMA's leaves (None ones stay None) when ``ok``."""
+    return jax.tree.map(lambda e, p: None if e is None else jnp.where(ok, decay * e + (1.0 - decay) * p, e),
+                        ema, params, is_leaf=lambda x: x is None)
 
 
 def tree_all_finite(tree) -> jax.Array:

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from starflow2_jax import parallel
 from starflow2_jax.parallel import BATCH_AXES
 from starflow2_jax.train.optim import guarded_update, learning_rate_schedule
-from starflow2_jax.train.state import TrainState
+from starflow2_jax.train.state import TrainState, ema_update
 from starflow2_jax.train.task import Task
 
 
@@ -35,10 +35,32 @@ class StateShardings(NamedTuple):
     abstract_extra: Any
 
 
+class ModelShardings(NamedTuple):
+    """``NamedSharding`` trees of a task's params and extra vars, plus their abstract shapes (what a
+    restore for sampling or evaluation needs: no optimiser)."""
+
+    params: Any
+    extra: Any
+    abstract_params: Any
+    abstract_extra: Any
+
+
 def _boxed_init(task: Task, optimizer: optax.GradientTransformation, ema: bool, rng: jax.Array):
     k_model, k_state = jax.random.split(rng)
     params, extra = task.init(k_model)
-    return TrainState.create(params, optimizer, jax.random.key_data(k_state), ema=ema), extra
+    trainable = task.trainable(params) if task.trainable is not None else None
+    return TrainState.create(params, optimizer, jax.random.key_data(k_state), ema=ema, trainable=trainable), extra
+
+
+def model_shardings(task: Task, mesh: Mesh) -> ModelShardings:
+    """Shardings and abstract shapes of ``task.init``'s ``(params, extra_vars)`` on ``mesh`` (no memory
+    touched, no optimiser)."""
+    boxed = jax.eval_shape(lambda key: task.init(jax.random.split(key)[0]), jax.random.key(0))
+    shardings = parallel.logical_shardings(boxed, mesh, task.rules)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            nn.meta.unbox(boxed), shardings)
+    return ModelShardings(params=shardings[0], extra=shardings[1], abstract_params=abstract[0],
+                          abstract_extra=abstract[1])
 
 
 def state_shardings(task: Task, optimizer: optax.GradientTransformation, mesh: Mesh, *,
@@ -53,11 +75,18 @@ def state_shardings(task: Task, optimizer: optax.GradientTransformation, mesh: M
 
 
 def create_state(task: Task, optimizer: optax.GradientTransformation, shardings: StateShardings,
-                 rng: jax.Array, *, ema: bool) -> tuple[TrainState, Any]:
-    """A fresh ``(TrainState, extra_vars)`` created directly with ``shardings`` (typed key ``rng``)."""
-    init = jax.jit(lambda key: nn.meta.unbox(_boxed_init(task, optimizer, ema, key)),
-                   out_shardings=(shardings.state, shardings.extra))
-    return init(rng)
+                 rng: jax.Array, *, ema: bool, skip_extra: tuple[str, ...] = ()) -> tuple[TrainState, Any]:
+    """A fresh ``(TrainState, extra_vars)`` created directly with ``shardings`` (typed key ``rng``).
+
+    ``skip_extra``: top-level extra entries not to initialise (frozen parts, loaded instead): they are
+    absent from the returned extra vars, and never materialised."""
+
+    def fresh(key):
+        state, extra = nn.meta.unbox(_boxed_init(task, optimizer, ema, key))
+        return state, {k: v for k, v in extra.items() if k not in skip_extra}
+
+    extra_shardings = {k: v for k, v in shardings.extra.items() if k not in skip_extra}
+    return jax.jit(fresh, out_shardings=(shardings.state, extra_shardings))(rng)
 
 
 def _micro_batches(batch, accum: int, mesh: Mesh):
@@ -115,7 +144,7 @@ def make_train_step(task: Task, optimizer: optax.GradientTransformation, mesh: M
                                                jnp.isfinite(loss))
         ema = state.ema_params
         if ema is not None:
-            ema = jax.tree.map(lambda e, p: jnp.where(ok, ema_decay * e + (1.0 - ema_decay) * p, e), ema, params)
+            ema = ema_update(ema, params, ema_decay, ok)
         bad = jnp.logical_not(ok).astype(jnp.int32)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
                                   skipped_steps=state.skipped_steps + bad,
@@ -138,11 +167,12 @@ def make_train_step(task: Task, optimizer: optax.GradientTransformation, mesh: M
     return step
 
 
-def make_eval_step(task: Task, mesh: Mesh, shardings: StateShardings) -> Callable:
+def make_eval_step(task: Task, mesh: Mesh, shardings: ModelShardings | StateShardings) -> Callable:
     """``eval(params, extra_vars, batch, rng) -> {name: (B,)}``, jitted with the params' shardings
-    (``shardings.state.params``) and the batch split over ``('data', 'fsdp')``."""
+    and the batch split over ``('data', 'fsdp')``."""
     batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-    jitted = jax.jit(task.eval_step, in_shardings=(shardings.state.params, shardings.extra, batch_sharding, None),
+    params = shardings.params if isinstance(shardings, ModelShardings) else shardings.state.params
+    jitted = jax.jit(task.eval_step, in_shardings=(params, shardings.extra, batch_sharding, None),
                      out_shardings=batch_sharding)
 
     def evaluate(params, extra, batch, rng):

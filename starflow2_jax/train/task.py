@@ -1,12 +1,14 @@
 """The ``Task`` protocol: what the training loop needs from a model family.
 
-One loop (``train.loop.train``) serves every model: flows now (``tasks.flow.FlowTask``), FAE and
-STARFlow2 later. A task owns its parameters' layout, its host-side batch preparation, its loss and
+One loop (``train.loop.train``) serves every model family (``train.families``): flows
+(``tasks.flow.FlowTask``), the FAE stages (``tasks.fae.FAETask``), STARFlow2 next. A task owns its parameters' layout, its host-side batch preparation, its loss and
 its periodic outputs; the loop owns the mesh, optimiser, state, checkpoints, data and logging.
 
 Conventions:
 - ``params`` are the *trainable* parameters (a plain pytree), ``extra_vars`` the non-trainable
-  collections (e.g. ``{'prior': ...}``); both float32, both checkpointed.
+  collections (e.g. ``{'prior': ...}``); both float32. ``params`` and ``extra_vars`` are
+  checkpointed, except the top-level ``extra_vars`` entries that are the family's frozen parts
+  (``train.frozen``): those are loaded from their sources at every start and never saved with a step.
 - ``init`` returns params still boxed (``nn.Partitioned`` with logical axis names) so the loop can
   derive shardings with ``jax.eval_shape`` and the task's ``rules``; ``extra_vars`` are unboxed
   (replicated).
@@ -15,18 +17,17 @@ Conventions:
 - ``extra_vars`` may also be boxed; they are then sharded by ``rules`` like parameters (e.g. a frozen
   pretrained encoder).
 
-Optional hooks the loop calls when a task has them (``FAETask`` uses all three):
-- ``trainable(params) -> tree of labels``: False freezes a leaf (no optimiser state, no update);
-  other labels are update groups with their own clip + AdamW (``train.optim.make_optimizer``).
-- ``load_frozen(extra_vars, extra_shardings) -> extra_vars``: at a fresh start (not on resume, not
-  with ``train.init_from``), replaces initialised frozen variables with pretrained ones.
+Optional hooks: attributes every task has (``TaskBase`` sets them to None); the loop calls a hook
+when it is not None (``FAETask`` sets both):
+- ``trainable(params) -> tree of labels``: False freezes a leaf (no optimiser state, no update, no
+  EMA); other labels are update groups with their own clip + AdamW (``train.optim.make_optimizer``).
 - ``finalize(params, extra_vars, batches) -> extra_vars``: after the schedule's last step, before
   the final checkpoint (e.g. statistics computed once from the trained model and stored with it).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Protocol, runtime_checkable
 
 import jax
 import numpy as np
@@ -46,6 +47,8 @@ class Task(Protocol):
     """See the module docstring. ``rules``: the logical-axis rules table for ``init``'s names."""
 
     rules: tuple
+    trainable: Optional[Callable[[Any], Any]]
+    finalize: Optional[Callable[[Any, Any, Iterator], Any]]
 
     def init(self, rng: jax.Array) -> tuple[Any, Any]:
         """``(boxed trainable params, extra_vars)`` for a fresh model (jit-able)."""
@@ -62,3 +65,10 @@ class Task(Protocol):
 
     def sample_grid(self, params, extra_vars, rng: jax.Array, *, guidance: float) -> SampleGrid:
         """A grid of samples at classifier-free guidance weight ``guidance`` (for periodic images)."""
+
+
+class TaskBase:
+    """A base for tasks: declares the optional hooks as absent (override them with methods)."""
+
+    trainable: Optional[Callable[[Any], Any]] = None
+    finalize: Optional[Callable[[Any, Any, Iterator], Any]] = None

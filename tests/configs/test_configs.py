@@ -16,7 +16,7 @@ import pytest
 
 from starflow2_jax.config_files import ConfigError, load_config, parse_preset, split_override_args
 from starflow2_jax.train import FlowTask, validate
-from starflow2_jax.train.tasks import task_from_config
+from starflow2_jax.train.families import make_task as task_from_config
 from starflow2_jax.train.loop import resolve_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -60,7 +60,7 @@ def test_stage_loads_the_hf_dinov2_and_freezes_the_parts_it_does_not_train(tmp_p
 
     from starflow2_jax.train.generate import sample_from_workdir
 
-    with pytest.raises(ValueError, match="model.family='fae' run; sampling needs a flow"):
+    with pytest.raises(ValueError, match=r"starflow2 sample\` does not apply .* model.family='fae' run, whose family offers \['eval fae'\]"):
         sample_from_workdir(tmp_path / "ib", tmp_path / "grid.png")
     assert not (tmp_path / "grid.png").exists()
 
@@ -84,14 +84,14 @@ def test_fae_config_errors_name_the_field(tmp_path):
         validate(_tiny("ia", tmp_path, "model.fae.pixel_loss=l3"))
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         resolve_config(_tiny("ia", tmp_path, f"model.fae.dinov2_checkpoint={tmp_path / 'missing'}"))
-    from starflow2_jax.train.tasks import task_from_config
+    from starflow2_jax.train.families import make_task as task_from_config
 
     with pytest.raises(ValueError, match=r"FAEConfig.image_size=30 \(the DINOv2 input size\) is not divisible"):
         task_from_config(resolve_config(_tiny("ia", tmp_path, "model.fae.image_size=30")))
 
 
 def test_grey_batches_are_rejected_with_a_hint(tmp_path):
-    from starflow2_jax.train.tasks import task_from_config
+    from starflow2_jax.train.families import make_task as task_from_config
 
     task = task_from_config(resolve_config(_tiny("ia", tmp_path)))
     with pytest.raises(ValueError, match="grey .*data.channels=3"):
@@ -106,7 +106,7 @@ def test_eval_step_and_prior_grid(tmp_path):
     import flax.linen as nn
 
     from starflow2_jax.fae import api as fae_api
-    from starflow2_jax.train.tasks import task_from_config
+    from starflow2_jax.train.families import make_task as task_from_config
 
     task = task_from_config(resolve_config(_tiny("ii", tmp_path)))
     params, extra = task.init(jax.random.key(0))
@@ -127,7 +127,7 @@ def test_perceptual_features_pass_gradients_to_images_only(tmp_path):
     """The perceptual term must reach the pixel decoder (through the images) but never DINOv2."""
     from starflow2_jax.fae import api as fae_api
     from starflow2_jax.fae.losses import feature_distance
-    from starflow2_jax.train.tasks import task_from_config
+    from starflow2_jax.train.families import make_task as task_from_config
 
     task = task_from_config(resolve_config(_tiny("ia", tmp_path)))
     _, extra = task.init(jax.random.key(0))
@@ -151,7 +151,7 @@ def test_frozen_dinov2_is_sharded_by_the_rules(tmp_path):
     from starflow2_jax import parallel
     from starflow2_jax.train.optim import make_optimizer
     from starflow2_jax.train.step import state_shardings
-    from starflow2_jax.train.tasks import task_from_config
+    from starflow2_jax.train.families import make_task as task_from_config
 
     config = resolve_config(_tiny("ia", tmp_path))
     task = task_from_config(config)
@@ -162,3 +162,42 @@ def test_frozen_dinov2_is_sharded_by_the_rules(tmp_path):
     sharded = [s for s in jax.tree.leaves(dino) if not s.is_fully_replicated]
     assert len(sharded) >= len(jax.tree.leaves(dino)) // 2, "DINOv2 should be sharded like the parameters"
     assert all(s.is_fully_replicated for s in jax.tree.leaves(shardings.extra["latent_stats"]))
+
+
+def test_a_bad_dinov2_source_fails_before_anything_is_written(tmp_path):
+    """Missing, another architecture, a mis-shaped tensor: one clear error from ``train`` before any
+    step, and the workdir is never created."""
+    from safetensors.numpy import load_file, save_file
+
+    plain = _save_hf("plain", tmp_path / "dino")
+    weights = os.path.join(plain, "model.safetensors")
+    tensors = load_file(weights)
+    tensors["embeddings.cls_token"] = np.zeros((1, 1, 31), tensors["embeddings.cls_token"].dtype)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    cases = [(os.fspath(tmp_path / "missing"), FileNotFoundError, "is not a directory"),
+             (_save_hf("registers", tmp_path / "dino_reg"), ValueError, "num_register_tokens: checkpoint 4, expected 0"),
+             (plain, ValueError, r"with the wrong shape: .*embeddings\.cls_token: \(1, 1, 31\)")]
+    for source, error, match in cases:
+        config = _tiny("ia", tmp_path, f"model.fae.dinov2_checkpoint={source}", *DINO_FIELDS)
+        with pytest.raises(error, match=match):
+            train(config, tmp_path / "run")
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_random_dinov2_source_is_what_the_task_initialises(tmp_path):
+    """'' as the DINOv2 source regenerates the weights ``FAETask.init`` gives DINOv2 under the train
+    state's key chain (so random-DINOv2 runs keep their features without storing them)."""
+    import flax.linen as nn
+
+    from starflow2_jax.train.families import make_task
+    from starflow2_jax.train.tasks.fae import random_dinov2
+
+    task = make_task(resolve_config(_tiny("ia", tmp_path)))
+    _, extra = task.init(jax.random.split(jax.random.key(7))[0])  # train.step: key(seed) → model key
+    want, got = nn.meta.unbox(extra["dinov2"]), random_dinov2(task.config.dinov2, 7)
+    assert jax.tree.structure(want) == jax.tree.structure(got)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = random_dinov2(task.config.dinov2, 8)
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(want),
+                                                                               jax.tree.leaves(other)))

@@ -16,7 +16,7 @@ import pytest
 
 from starflow2_jax.fae import api as fae_api
 from starflow2_jax.fae.latent_space import Bound, FAESpace
-from starflow2_jax.train import latents as latents_lib
+from starflow2_jax.train.tasks import latents as latents_lib
 from starflow2_jax.train.tasks.fae import FAETask, fae_config_from
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained_fae")]

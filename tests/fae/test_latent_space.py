@@ -2,6 +2,7 @@
 device, flows train on either by a config switch, and bad inputs get clear errors."""
 
 import os
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -176,9 +177,17 @@ def test_demo_config_runs_on_the_fae_latent_space(tmp_path, trained_fae):
     assert "nll_per_dim" in result.metrics and "bits_per_dim" not in result.metrics
     stored = load_config_json(tmp_path / "run")
     assert (stored["data"]["image_size"], stored["data"]["channels"]) == (32, 3)  # digits → 32 px RGB for the FAE
-    # the FAE's trained variables went into the flow's checkpoint, not random placeholders
+    # the FAE is a frozen part: its weights are in none of the step checkpoints (the flow's, the FAE's)
+    from starflow2_jax.train.checkpoint import complete_steps, stored_shapes
+
+    for workdir in (tmp_path / "run", *map(Path, workdirs.values())):
+        step_dir = workdir / "checkpoints" / str(complete_steps(workdir / "checkpoints")[-1])
+        keys = set(stored_shapes(step_dir / "state")) | set(stored_shapes(step_dir / "extra"))
+        assert not [k for k in keys if k.startswith(("extra/latent", "latent/", "dinov2/")) or "/dinov2/" in k], keys
+    assert {k.split("/")[0] for k in stored_shapes(step_dir / "extra")} == {"latent_stats"}  # the FAE's (ii)
+    # the FAE's trained variables are the flow's frozen part, not random placeholders
     restored = restore_workdir(tmp_path / "run")
-    from starflow2_jax.train.latents import load_fae_variables
+    from starflow2_jax.train.tasks.latents import load_fae_variables
 
     fae_vars = load_fae_variables(workdirs["ii"])
     np.testing.assert_array_equal(np.asarray(restored.extra["latent"]["latent_stats"]["mean"]),

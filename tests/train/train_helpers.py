@@ -13,7 +13,7 @@ from starflow2_jax.data.pipeline import make_pipeline
 from starflow2_jax.data.preprocess import ImagePreprocess
 from starflow2_jax.parallel import FLOW_RULES
 from starflow2_jax.train import base_config
-from starflow2_jax.train.task import SampleGrid
+from starflow2_jax.train.task import SampleGrid, TaskBase
 
 NUM_EXAMPLES = 48
 
@@ -62,7 +62,7 @@ def pipeline(config, source=None):
                                                     caption_dropout=float(d.caption_drop)))
 
 
-class ToyTask:
+class ToyTask(TaskBase):
     """A ``Task``: pred = tanh(x·W1 + b1)·w2 · extra scale, loss = mean((pred − label/10)²).
 
     ``seen``: the batches' ``index`` arrays in the order ``prepare_batch`` got them (= step order).

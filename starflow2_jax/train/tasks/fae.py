@@ -14,7 +14,12 @@ Parameters are always the union ``{'encoder', 'feature_decoder', 'pixel_decoder'
 parts a stage updates — the others get no moments and no updates — and puts the discriminator in an
 update group of its own, so its gradients never shrink the generator's through a shared norm clip.
 The frozen DINOv2 and the latent statistics are ``extra_vars`` (``{'dinov2', 'latent_stats'}``), never optimised; DINOv2 is
-sharded by the same rules as the parameters.
+sharded by the same rules as the parameters. DINOv2 is the family's frozen part (``train.frozen``):
+loaded from ``model.fae.dinov2_checkpoint`` at every start and never written into step checkpoints;
+the latent statistics are checkpointed.
+
+This module also defines the 'fae' family (``FAMILY``): the ``model.fae`` config section, its
+checks, resolution (a DINOv2 checkpoint's config) and frozen part.
 
 Pixel stages: loss = pixel (L1 / L2 / both) + w_p·perceptual + w_g·hinge-GAN generator term, plus
 the discriminator's hinge loss (+ w_lecam·LeCam) on detached reconstructions; generator and
@@ -31,6 +36,7 @@ import functools
 import os
 from typing import Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -41,13 +47,16 @@ from starflow2_jax.fae import api as fae_api
 from starflow2_jax.fae import losses
 from starflow2_jax.fae.config import FAEConfig
 from starflow2_jax.fae.discriminator import PatchDiscriminator
-from starflow2_jax.fae.dinov2 import Dinov2Config
+from starflow2_jax.fae.dinov2 import Dinov2Config, init_dinov2_boxed
 from starflow2_jax.fae.model import sample_latent
 from starflow2_jax.parallel import FAE_RULES
-from starflow2_jax.train.config_schema import FAE_STAGES
-from starflow2_jax.train.task import SampleGrid
+from starflow2_jax.train import config_fields as fields
+from starflow2_jax.train.family import Family
+from starflow2_jax.train.frozen import FrozenPart
+from starflow2_jax.train.task import SampleGrid, TaskBase
 
-STAGES = FAE_STAGES
+STAGES = ("ia", "ib", "ii")  # pixel decoder, encoder + feature decoder, pixel fine-tune
+PERCEPTUAL = ("dinov2", "none")
 TRAINS = {"ia": ("pixel_decoder", "discriminator"), "ib": ("encoder", "feature_decoder"),
           "ii": ("pixel_decoder", "discriminator")}
 FAE_FIELDS = ("image_size", "encoder_image_size", "latent_dim", "encoder_heads", "feature_decoder_width",
@@ -68,7 +77,10 @@ def resolve_dinov2(config) -> None:
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(f.dinov2).items()}
     if not os.path.isdir(f.dinov2_checkpoint):
         raise FileNotFoundError(f"model.fae.dinov2_checkpoint={f.dinov2_checkpoint!r} is not a directory (expected "
-                                f"a Hugging Face Dinov2Model / Dinov2WithRegistersModel checkpoint)")
+                                f"a Hugging Face Dinov2Model / Dinov2WithRegistersModel checkpoint, an Orbax "
+                                f"checkpoint or an earlier run's workdir)")
+    if not any(name.endswith(".safetensors") for name in os.listdir(f.dinov2_checkpoint)):
+        return  # an Orbax checkpoint or a run: its tree is checked against model.fae.dinov2 when it is loaded
     dino = read_config(f.dinov2_checkpoint)
     try:  # unset fields take Dinov2Config's defaults: the variant (registers or not) is always checked
         expected = Dinov2Config(**fields)
@@ -112,18 +124,16 @@ class FAELosses:
     stats_batches: int = 8
 
 
-class FAETask:
+class FAETask(TaskBase):
     """A ``Task`` (see ``train.task``) for one FAE stage; see the module docstring."""
 
     rules = FAE_RULES
 
-    def __init__(self, fae_config: FAEConfig, settings: FAELosses, *, dinov2_checkpoint: str = "",
-                 per_class: int = 4):
+    def __init__(self, fae_config: FAEConfig, settings: FAELosses, *, per_class: int = 4):
         if settings.stage not in STAGES:
             raise ValueError(f"model.fae.stage={settings.stage!r}: expected one of {STAGES}")
         self.config = fae_config.validate()
         self.settings = settings
-        self.dinov2_checkpoint = dinov2_checkpoint
         self.per_class = int(per_class)
         self.discriminator = PatchDiscriminator(channels=settings.disc_channels, num_layers=settings.disc_layers)
 
@@ -131,8 +141,7 @@ class FAETask:
     def from_config(cls, config) -> "FAETask":
         f = config.model.fae
         settings = FAELosses(**{k.name: f[k.name] for k in dataclasses.fields(FAELosses)})
-        return cls(fae_config_from(config), settings, dinov2_checkpoint=f.dinov2_checkpoint,
-                   per_class=int(config.sample.per_class))
+        return cls(fae_config_from(config), settings, per_class=int(config.sample.per_class))
 
     # ---- Task protocol ----------------------------------------------------------------------
     def init(self, rng):
@@ -155,18 +164,6 @@ class FAETask:
             return False if name not in parts else ("discriminator" if name == "discriminator" else "autoencoder")
 
         return {name: jax.tree.map(lambda _, n=name: label(n), sub) for name, sub in params.items()}
-
-    def load_frozen(self, extra, shardings):
-        """Fresh runs: replaces the random DINOv2 with ``dinov2_checkpoint``'s weights (if set)."""
-        if not self.dinov2_checkpoint:
-            logging.warning("model.fae.dinov2_checkpoint is empty: the frozen DINOv2 is randomly initialised "
-                            "(fine for tests and the tiny preset, not for real features)")
-            return extra
-        from starflow2_jax.convert.hf_dinov2 import load_hf_dinov2
-
-        _, dino = load_hf_dinov2(self.dinov2_checkpoint, expect=self.config.dinov2)
-        dino = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x, jnp.float32), s), dino, shardings["dinov2"])
-        return {**extra, "dinov2": dino}
 
     def prepare_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "image" not in batch:
@@ -259,3 +256,97 @@ class FAETask:
         stats = extra["latent_stats"]
         feats = fae_api.decode_features(cfg, params, z * stats["std"] + stats["mean"])
         return jnp.clip(fae_api.decode_pixels(cfg, params, feats), -1.0, 1.0)
+
+
+# ---- the 'fae' family ---------------------------------------------------------------------------
+def add_defaults(config: ml_collections.ConfigDict) -> None:
+    """The ``model.fae`` section with its defaults (a tiny FAE on 32×32 images, random DINOv2)."""
+    config.model.fae = ml_collections.ConfigDict(dict(
+        stage="ib", dinov2=ml_collections.ConfigDict(dict(
+            hidden_size=32, num_layers=2, num_heads=4, mlp_ratio=4.0, patch_size=4, image_size=32)),
+        dinov2_checkpoint="", dinov2_dtype="", image_size=32, encoder_image_size=0, latent_dim=8,
+        encoder_heads=2, feature_decoder_width=32, feature_decoder_layers=2, feature_decoder_heads=2,
+        feature_decoder_mlp_ratio=8 / 3, pixel_decoder_width=32, pixel_decoder_layers=2, pixel_decoder_heads=2,
+        pixel_decoder_mlp_ratio=4.0, dtype="float32", remat="none", kl_weight=1e-4, noise_sigma=0.4,
+        pixel_loss="l2", perceptual="dinov2", perceptual_weight=1.0, gan_weight=0.0, lecam_weight=0.0,
+        disc_channels=32, disc_layers=2, stats_batches=8))
+
+
+def validate(config) -> None:
+    """Checks ``model.fae`` (and that no flow-only setting is used); ValueError naming the field."""
+    fields.choice(config, "model.fae.stage", STAGES)
+    fields.dict_field(config, "model.fae.dinov2", "a dict of fae.Dinov2Config fields")
+    fields.string_field(config, "model.fae.dinov2_checkpoint",
+                        "a path string ('' for a random DINOv2, or that of train.init_from)")
+    if fields.string_field(config, "model.fae.dinov2_dtype", "'' or a dtype") != "":
+        fields.choice(config, "model.fae.dinov2_dtype", fields.DTYPES)
+    for field in ("image_size", "latent_dim", "encoder_heads", "feature_decoder_width", "feature_decoder_layers",
+                  "feature_decoder_heads", "pixel_decoder_width", "pixel_decoder_layers", "pixel_decoder_heads",
+                  "disc_channels", "disc_layers", "stats_batches"):
+        fields.int_field(config, f"model.fae.{field}", 1)
+    fields.int_field(config, "model.fae.encoder_image_size", 0)
+    for field in ("feature_decoder_mlp_ratio", "pixel_decoder_mlp_ratio"):
+        if fields.float_field(config, f"model.fae.{field}", 0.0) <= 0:
+            raise ValueError(f"model.fae.{field}: expected a positive number")
+    for field in ("kl_weight", "noise_sigma", "perceptual_weight", "gan_weight", "lecam_weight"):
+        fields.float_field(config, f"model.fae.{field}", 0.0)
+    fields.choice(config, "model.fae.pixel_loss", losses.PIXEL_KINDS)
+    fields.choice(config, "model.fae.perceptual", PERCEPTUAL)
+    fields.choice(config, "model.fae.dtype", fields.DTYPES)
+    fields.choice(config, "model.fae.remat", fields.REMAT)
+    if fields.float_field(config, "optim.ema_decay", 0.0) > 0:
+        raise ValueError(f"optim.ema_decay={config.optim.ema_decay}: must be 0 for model.family='fae' (each stage "
+                         f"hands its raw params to the next, and the latent statistics are computed from them)")
+    if "latent" in config.model and fields.get(config, "model.latent.kind") != "pixels":
+        raise ValueError("model.latent.kind applies to flows; leave it 'pixels' for model.family='fae'")
+
+
+def section_config(stored: dict) -> ml_collections.ConfigDict:
+    """A config holding ``model.fae`` (defaults + the stored section of a run's config JSON ``stored``)
+    and its ``seed``: enough for ``fae_config_from`` and ``dinov2_part`` without the whole schema."""
+    config = ml_collections.ConfigDict({"model": {}, "seed": int(stored.get("seed", 0))})
+    add_defaults(config)
+    section = config.model.fae.to_dict()
+    section.update({k: v for k, v in dict(stored.get("model", {}).get("fae", {})).items()})
+    config.model.fae = ml_collections.ConfigDict(section)
+    return config
+
+
+def random_dinov2(dino: Dinov2Config, seed: int):
+    """The random DINOv2 a run with ``seed`` starts from: the key ``FAETask.init`` gives it under the
+    train state's init (``train.step``: key(seed) → model key → FAE key → DINOv2 key)."""
+    k_model, _ = jax.random.split(jax.random.key(seed))
+    k_fae, _ = jax.random.split(k_model)
+    _, k_dino = jax.random.split(k_fae)
+    return nn.meta.unbox(init_dinov2_boxed(dino, k_dino))
+
+
+def dinov2_part(config) -> FrozenPart:
+    """The frozen DINOv2 of an FAE config (source ``model.fae.dinov2_checkpoint``)."""
+    f = config.model.fae
+    dino = fae_config_from(config).dinov2
+
+    def from_hf(directory: str, target):
+        from starflow2_jax.convert.hf_dinov2 import load_hf_dinov2
+
+        leaf = jax.tree.leaves(target)[0]
+        mesh = getattr(leaf.sharding, "mesh", None)
+        dtype = "bfloat16" if leaf.dtype == jnp.bfloat16 else "float32"
+        _, params = load_hf_dinov2(directory, dtype=dtype, expect=dino, mesh=mesh, rules=FAE_RULES)
+        return params
+
+    return FrozenPart(name="dinov2", field="model.fae.dinov2_checkpoint", source=str(f.dinov2_checkpoint),
+                      dtype=str(f.dinov2_dtype or f.dtype), init=functools.partial(random_dinov2, dino),
+                      from_hf=from_hf)
+
+
+def _next_steps(config, workdir: str) -> str:
+    following = {"ia": "ib", "ib": "ii"}.get(config.model.fae.stage)
+    if following:
+        return f"  the next stage: --config configs/fae.py:...,{following} --config.train.init_from={workdir}"
+    return f"  a flow on this latent space: --config.model.latent.kind=fae --config.model.latent.fae_workdir={workdir}"
+
+
+FAMILY = Family(name="fae", add_defaults=add_defaults, validate=validate, make_task=FAETask.from_config,
+                resolve=resolve_dinov2, frozen_parts=lambda config: (dinov2_part(config),), samples=False,
+                evaluations=("fae",), next_steps=_next_steps)

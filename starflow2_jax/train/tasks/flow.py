@@ -11,9 +11,13 @@ noise-augmented batch. Bits/dim use ``num_bins`` bins of width 2/num_bins over [
 Latent spaces (``latent_space``, see ``fae.latent_space``): the flow models ``encode(images)`` on the
 latent grid (its config has patch size 1, ``in_channels`` = D), plus ``latent_noise_std``·ε in
 training; grids are decoded back to pixels. The space's variables are ``extra_vars['latent']`` —
-frozen, never optimised; for an FAE they are loaded from its workdir at the first start
-(``load_frozen``) and checkpointed with the flow. Bits/dim are reported for pixels and patches (the
-same dimensions); an FAE's latents get ``nll_per_dim`` (nats) instead.
+frozen, never optimised; for an FAE they are the family's frozen part 'latent' (``train.frozen``),
+loaded from ``model.latent.fae_workdir`` at every start and never written into the flow's step
+checkpoints. Bits/dim are reported for pixels and patches (the same dimensions); an FAE's latents get
+``nll_per_dim`` (nats) instead.
+
+This module also defines the 'flow' family (``FAMILY``): the ``model.flow`` / ``model.conditioning``
+/ ``model.text`` / ``model.latent`` config sections, their checks and resolution.
 """
 
 from __future__ import annotations
@@ -25,14 +29,21 @@ from typing import Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from starflow2_jax import flow
 from starflow2_jax.parallel import FAE_RULES, FLOW_RULES
-from starflow2_jax.train.task import SampleGrid
+from starflow2_jax.train import config_fields as fields
+from starflow2_jax.train import inputs
+from starflow2_jax.train.tasks import latents as latents_lib
+from starflow2_jax.train.family import Family
+from starflow2_jax.train.task import SampleGrid, TaskBase
 from starflow2_jax.train.tasks.vocab import WordVocab
 
 CONDITIONING = ("label", "caption", "none")
+FACTORIES = ("starflow", "tarflow")
+LATENTS = ("pixels", "patches", "fae")
 
 
 def flow_config_from(config) -> flow.FlowConfig:
@@ -54,7 +65,7 @@ def flow_config_from(config) -> flow.FlowConfig:
     return dataclasses.replace(fc, dtype=model.flow.dtype, remat=model.flow.remat).validate()
 
 
-class FlowTask:
+class FlowTask(TaskBase):
     """A ``Task`` (see ``train.task``) for one flow.
 
     Args:
@@ -71,8 +82,7 @@ class FlowTask:
 
     def __init__(self, flow_config: flow.FlowConfig, conditioning: str = "none", *, vocab: Sequence[str] = (),
                  num_bins: int = 256, per_class: int = 4, prompts: Sequence[str] = (),
-                 jacobi: flow.JacobiOptions | None = None, latent_space=None, latent_noise_std: float = 0.0,
-                 fae_workdir: str = ""):
+                 jacobi: flow.JacobiOptions | None = None, latent_space=None, latent_noise_std: float = 0.0):
         if conditioning not in CONDITIONING:
             raise ValueError(f"conditioning={conditioning!r}: expected one of {CONDITIONING}")
         fc = flow_config.validate()
@@ -91,7 +101,6 @@ class FlowTask:
         if latent_space is not None and latent_space.kind == "fae":
             self.rules = FLOW_RULES + tuple(r for r in FAE_RULES if r[0] not in dict(FLOW_RULES))  # + its names
         self.latent_noise_std = float(latent_noise_std)
-        self.fae_workdir = fae_workdir
         if latent_space is not None:
             grid, d = latent_space.grid, latent_space.latent_dim
             if (tuple(fc.image_size), fc.patch_size, fc.in_channels) != (tuple(grid), 1, d):
@@ -113,13 +122,11 @@ class FlowTask:
         jac = config.sample.jacobi
         jacobi = (flow.JacobiOptions(block_size=int(jac.block_size), threshold=float(jac.threshold),
                                      max_iters=int(jac.max_iters)) if jac.block_size > 0 else None)
-        from starflow2_jax.train.latents import latent_space_from
-
         return cls(flow_config_from(config), config.model.conditioning, vocab=tuple(config.model.text.vocab),
                    num_bins=int(config.data.levels), per_class=int(config.sample.per_class),
-                   prompts=tuple(config.sample.prompts), jacobi=jacobi, latent_space=latent_space_from(config),
-                   latent_noise_std=float(config.model.latent.noise_std),
-                   fae_workdir=str(config.model.latent.fae_workdir))
+                   prompts=tuple(config.sample.prompts), jacobi=jacobi,
+                   latent_space=latents_lib.latent_space_from(config),
+                   latent_noise_std=float(config.model.latent.noise_std))
 
     # ---- Task protocol ----------------------------------------------------------------------
     def init(self, rng: jax.Array) -> tuple[dict, dict]:
@@ -135,14 +142,6 @@ class FlowTask:
             if latent:  # 'patches' has none
                 extra["latent"] = latent
         return params, extra
-
-    def load_frozen(self, extra, shardings):
-        """Fresh runs on an FAE latent space: its trained variables replace the random placeholders."""
-        if self.latent_space is None or self.latent_space.kind != "fae":
-            return extra
-        from starflow2_jax.train.latents import load_fae_variables
-
-        return {**extra, "latent": load_fae_variables(self.fae_workdir, shardings["latent"])}
 
     def prepare_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "image" not in batch:
@@ -249,3 +248,80 @@ class FlowTask:
         """The flow's own variables (``{'params', 'prior'}``), without the latent space's."""
         return {"params": params["flow"], **{k: v for k, v in extra_vars.items() if k != "latent"}}
 
+
+
+# ---- the 'flow' family --------------------------------------------------------------------------
+def add_defaults(config: ml_collections.ConfigDict) -> None:
+    """The flow's sections with their defaults (a tiny unconditional STARFlow on 8×8 digits)."""
+    m = config.model
+    m.flow = ml_collections.ConfigDict(dict(
+        factory="starflow", kwargs=ml_collections.ConfigDict(dict(
+            in_channels=1, img_size=8, patch_size=2, channels=64, layers_per_block=[1, 1], head_dim=32)),
+        dtype="float32", remat="none"))
+    m.conditioning = "none"
+    m.text = ml_collections.ConfigDict(dict(max_len=8, dim=32, vocab=()))
+    m.latent = ml_collections.ConfigDict(dict(kind="pixels", patch=0, image_size=0, channels=0, fae_workdir="",
+                                              fae_dtype="", fae=ml_collections.ConfigDict(), noise_std=0.0))
+
+
+def validate(config) -> None:
+    """Checks the flow's sections; ValueError naming the field."""
+    factory = fields.choice(config, "model.flow.factory", FACTORIES)
+    kwargs = fields.dict_field(config, "model.flow.kwargs", "a dict of factory arguments")
+    fields.choice(config, "model.flow.dtype", fields.DTYPES)
+    fields.choice(config, "model.flow.remat", fields.REMAT)
+    cond = fields.choice(config, "model.conditioning", CONDITIONING)
+    num_classes = kwargs.get("num_classes", 0)
+    if cond == "label" and not num_classes:
+        raise ValueError("model.flow.kwargs.num_classes must be > 0 for model.conditioning='label'")
+    if cond != "label" and num_classes:
+        raise ValueError(f"model.flow.kwargs.num_classes={num_classes} needs model.conditioning='label' "
+                         f"(got {cond!r})")
+    for key in ("txt_size", "txt_dim"):
+        if key in kwargs:
+            raise ValueError(f"model.flow.kwargs.{key}: set model.text.max_len / model.text.dim instead "
+                             f"(the trainer passes them to the factory for caption conditioning)")
+    if cond == "caption":
+        if factory != "starflow":
+            raise ValueError(f"model.flow.factory={factory!r}: caption conditioning needs 'starflow' "
+                             f"(TarFlow has no text prefix)")
+        fields.int_field(config, "model.text.max_len", 1)
+        fields.int_field(config, "model.text.dim", 1)
+        vocab = fields.get(config, "model.text.vocab")
+        if isinstance(vocab, str) or not all(isinstance(t, str) for t in vocab):
+            raise ValueError(f"model.text.vocab={vocab!r}: expected a list of strings")
+        if not vocab and fields.get(config, "data.builder") != "digits":
+            raise ValueError("model.text.vocab is empty: list the captions (or words) of your data "
+                             "(only data.builder='digits' fills it automatically)")
+    kind = fields.choice(config, "model.latent.kind", LATENTS)
+    for field in ("patch", "image_size", "channels"):
+        fields.int_field(config, f"model.latent.{field}", 0)
+    fields.float_field(config, "model.latent.noise_std", 0.0)
+    fields.dict_field(config, "model.latent.fae", "a dict (the trainer fills it)")
+    if fields.string_field(config, "model.latent.fae_dtype", "'' or a dtype") != "":
+        fields.choice(config, "model.latent.fae_dtype", fields.DTYPES)
+    if kind == "fae" and not fields.get(config, "model.latent.fae_workdir"):
+        raise ValueError("model.latent.fae_workdir is empty: model.latent.kind='fae' needs the workdir of a "
+                         "trained FAE (its last stage)")
+
+
+def resolve(config) -> None:
+    """The latent view (``latents.resolve_latent``) and, for captions, the vocabulary and grid prompts."""
+    latents_lib.resolve_latent(config)
+    validate(config)
+    if config.model.conditioning == "caption":
+        vocab, prompts = inputs.default_captions(config)
+        config.model.text.vocab = tuple(vocab)
+        config.sample.prompts = tuple(prompts)
+
+
+def _next_steps(config, workdir: str) -> str:
+    import os
+
+    return (f"  starflow2 sample --workdir {workdir} --out {os.path.join(workdir, 'grid.png')}\n"
+            f"  starflow2 eval bpd --workdir {workdir}")
+
+
+FAMILY = Family(name="flow", add_defaults=add_defaults, validate=validate, make_task=FlowTask.from_config,
+                resolve=resolve, frozen_parts=latents_lib.frozen_parts, samples=True, evaluations=("bpd",),
+                next_steps=_next_steps)

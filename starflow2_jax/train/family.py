@@ -1,0 +1,56 @@
+"""What a model family is: the one object the trainer, restore, ``starflow2 sample`` / ``eval`` and the
+benches ask about a ``model.family`` (see ``train.families`` for the registry).
+
+A family module (``train.tasks.flow``, ``train.tasks.fae``, …) defines ``FAMILY = Family(...)``:
+
+- its config section: ``add_defaults(config)`` adds its fields with their defaults to the base config
+  (in place), ``validate(config)`` checks them (ValueError naming the field);
+- ``resolve(config)``: fills the data-dependent fields of a validated config in place (latent views,
+  sizes read from checkpoints), so that the stored config alone determines the model;
+- ``make_task(config)``: its ``Task`` (see ``train.task``) for a resolved config;
+- ``frozen_parts(config)``: its pretrained frozen parts (``train.frozen.FrozenPart``), loaded at every
+  start and never written into step checkpoints;
+- what the commands offer for it: ``samples`` (``starflow2 sample`` works on its runs) and
+  ``evaluations`` (the ``starflow2 eval`` kinds that accept its runs, e.g. ``('bpd',)``);
+- ``next_steps(config, workdir)``: the hint ``starflow2 train`` prints after a run (optional).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import ml_collections
+
+
+def _nothing(config) -> None:
+    del config
+
+
+def _no_parts(config) -> tuple:
+    del config
+    return ()
+
+
+def _no_hint(config, workdir: str) -> str:
+    del config, workdir
+    return ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family; see the module docstring for each field."""
+
+    name: str
+    add_defaults: Callable[[ml_collections.ConfigDict], None]
+    validate: Callable[[ml_collections.ConfigDict], None]
+    make_task: Callable[[ml_collections.ConfigDict], Any]
+    resolve: Callable[[ml_collections.ConfigDict], None] = _nothing
+    frozen_parts: Callable[[ml_collections.ConfigDict], tuple] = _no_parts
+    samples: bool = False
+    evaluations: tuple[str, ...] = ()
+    next_steps: Callable[[ml_collections.ConfigDict, str], str] = _no_hint
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise ValueError(f"Family.name={self.name!r}: expected an identifier such as 'flow'")
