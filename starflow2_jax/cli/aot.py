@@ -34,8 +34,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as one JSON line on stdout")
 
 
+def load_config(spec: str, extra: list[str]):
+    """The validated config of ``spec`` with the ``--config.*`` overrides; unlike ``starflow2 train``
+    its data and init paths are not checked (nothing is read: they may name another machine's disks)."""
+    from starflow2_jax.cli.config_loader import ConfigError, load_config as load, split_override_args
+    from starflow2_jax.train.config_schema import validate
+
+    overrides, rest = split_override_args(extra)
+    if rest:
+        raise ConfigError(f"unrecognized arguments {rest} (overrides look like --config.FIELD=VALUE)")
+    config = load(spec, overrides)
+    try:
+        validate(config)
+    except ValueError as error:
+        raise ConfigError(f"invalid config {spec}: {error}") from error
+    return config
+
+
 def run(args: argparse.Namespace) -> int:
-    from starflow2_jax.cli.train import load_and_validate
     from starflow2_jax.parallel import aot
 
     try:
@@ -44,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             raise aot.AotError(f"--num-slices {args.num_slices}: expected an int >= 1")
         if not 0 < args.mfu <= 1:
             raise aot.AotError(f"--mfu {args.mfu}: expected a fraction in (0, 1]")
-        config = load_and_validate(args.config, list(getattr(args, "extra", [])))
+        config = load_config(args.config, list(getattr(args, "extra", [])))
         report = aot.aot_report(config, args.topology, num_slices=args.num_slices, mfu=args.mfu,
                                 sample=not args.no_sample, log=note)
     except ValueError as error:  # ConfigError, AotError and mesh errors are ValueErrors naming the value
