@@ -93,30 +93,32 @@ nodes() {
   fi
 }
 
+# Sets RUNTIME to the default runtime version of accelerator type $1 (when not given).
 default_runtime() {
+  [[ -z "${RUNTIME}" ]] || return 0
   case "$1" in
-    v5p-*) echo "v2-alpha-tpuv5" ;;
-    v6e-*) echo "v2-alpha-tpuv6e" ;;
-    v5litepod-*|v5e-*) echo "v2-alpha-tpuv5-lite" ;;
-    v4-*) echo "tpu-ubuntu2204-base" ;;
+    v5p-*) RUNTIME="v2-alpha-tpuv5" ;;
+    v6e-*) RUNTIME="v2-alpha-tpuv6e" ;;
+    v5litepod-*|v5e-*) RUNTIME="v2-alpha-tpuv5-lite" ;;
+    v4-*) RUNTIME="tpu-ubuntu2204-base" ;;
     *) die "--accelerator-type '$1': no default runtime version; pass --runtime-version" ;;
   esac
 }
 
 do_create() {
   [[ -n "${ACCELERATOR}" ]] || die "create needs --accelerator-type (e.g. v5p-64)"
-  local runtime="${RUNTIME:-$(default_runtime "${ACCELERATOR}")}"
+  default_runtime "${ACCELERATOR}"
   local spot=()
   (( SPOT )) && spot=(--spot)
   if (( QUEUED )); then
     local placement=(--node-id="${NAME}")
     (( NUM_SLICES > 1 )) && placement=(--node-count="${NUM_SLICES}" --node-prefix="${NAME}")
     run_cmd gcloud compute tpus queued-resources create "${NAME}" "${placement[@]}" \
-      --accelerator-type="${ACCELERATOR}" --runtime-version="${runtime}" "${spot[@]}" "${GCLOUD_COMMON[@]}"
+      --accelerator-type="${ACCELERATOR}" --runtime-version="${RUNTIME}" "${spot[@]}" "${GCLOUD_COMMON[@]}"
     wait_active
   else
     run_cmd gcloud compute tpus tpu-vm create "${NAME}" --accelerator-type="${ACCELERATOR}" \
-      --version="${runtime}" "${spot[@]}" "${GCLOUD_COMMON[@]}"
+      --version="${RUNTIME}" "${spot[@]}" "${GCLOUD_COMMON[@]}"
   fi
 }
 
