@@ -71,6 +71,8 @@
     train.init_from           '' or an Orbax checkpoint (a workdir, its checkpoints/ dir or a step dir)
                               whose params start a fresh run (used only when this workdir has none)
     train.async_checkpoint    write checkpoints in the background
+    train.compilation_cache_dir  '' (off) | a directory (local or gs://) for JAX's persistent
+                              compilation cache: restarts and later runs reuse compiled steps
     mesh.data, fsdp, tensor   mesh axis sizes; one may be −1 (the rest of the devices)
     sample.guidance           list of guidance weights, one grid panel each
     sample.per_class          samples per class (label) / per prompt (caption) / rows (none)
@@ -131,7 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
         clip_norm=1.0, ema_decay=0.0))
     c.train = ml_collections.ConfigDict(dict(
         steps=1000, grad_accum=1, log_every=50, sample_every=0, checkpoint_every=500, keep_last=3,
-        keep_every=0, max_nonfinite_steps=20, init_from="", async_checkpoint=True))
+        keep_every=0, max_nonfinite_steps=20, init_from="", async_checkpoint=True, compilation_cache_dir=""))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sample = ml_collections.ConfigDict(dict(
         guidance=[0.0], per_class=4, prompts=(),
@@ -271,6 +273,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError(f"train.init_from={config.train.init_from!r}: expected a path string ('' for none)")
     if not isinstance(_get(config, "train.async_checkpoint"), bool):
         raise ValueError(f"train.async_checkpoint={config.train.async_checkpoint!r}: expected a bool")
+    if not isinstance(_get(config, "train.compilation_cache_dir"), str):
+        raise ValueError(f"train.compilation_cache_dir={config.train.compilation_cache_dir!r}: expected a directory "
+                         f"string ('' for none)")
 
     minus_one = [axis for axis in ("data", "fsdp", "tensor") if _int(config, f"mesh.{axis}", 1, allow=(-1,)) == -1]
     if len(minus_one) > 1:
