@@ -13,13 +13,18 @@ device. Where the processes come from, in order:
 3. otherwise one process: nothing to start.
 
 A coordinator that does not answer within ``timeout_s`` (default 300 s) is a ``DistributedError``
-naming it, the process id and count, and the timeout.
+naming it, the process id and count, and the timeout (processes other than 0 first wait for its port
+to accept connections: JAX's C++ client would abort the process instead of raising). Process 0
+waits up to ``timeout_s`` for the others; if they never come, JAX's runtime ends it with a
+DEADLINE_EXCEEDED message.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import time
 from typing import Callable, NamedTuple, TypeVar
 
 import jax
@@ -100,14 +105,33 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                                    f"0 <= process id < number of processes")
         if num_processes == 1:
             return Runtime("single", 0, 1)
+        what = f"coordinator {coordinator}, process {process_id} of {num_processes}"
+        if process_id != 0:  # the C++ client aborts the process on a failed connect: check first, in Python
+            _wait_for_coordinator(coordinator, timeout_s, what)
         _start(dict(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id),
-               f"coordinator {coordinator}, process {process_id} of {num_processes}", timeout_s)
+               what, timeout_s)
         return Runtime("explicit", jax.process_index(), jax.process_count())
     mode = detect_cluster()
     if mode is None:
         return Runtime("single", 0, 1)
     _start({}, f"auto-detected {mode} cluster", timeout_s)
     return Runtime(mode, jax.process_index(), jax.process_count())
+
+
+def _wait_for_coordinator(address: str, timeout_s: float, what: str) -> None:
+    """Returns once ``address`` (HOST:PORT) accepts a TCP connection; DistributedError after ``timeout_s``."""
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                return
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                raise DistributedError(f"jax.distributed could not start ({what}) within {timeout_s}s: nothing "
+                                       f"answers at {address} ({error}). Start process 0 there (with the same "
+                                       f"--coordinator and --num-processes), or fix the address") from None
+            time.sleep(0.5)
 
 
 def _start(kwargs: dict, what: str, timeout_s: int) -> None:
