@@ -29,9 +29,9 @@
 #   --env KEY=VALUE             run: exported on every worker (repeatable), e.g. --env JAX_LOG_COMPILES=1
 #   --dry-run                   print the exact commands instead of running them
 #
-# jax.distributed needs no flags on TPU VMs: every worker runs the same command and
-# starflow2_jax.parallel.runtime.initialize() detects the slice (and, multi-slice, the MEGASCALE_*
-# variables the queued resource sets).
+# jax.distributed needs no flags on TPU VMs: every worker runs the same command with
+# STARFLOW2_DISTRIBUTED=auto, and jax.distributed.initialize() reads the slice (and, multi-slice,
+# the MEGASCALE_* variables the queued resource sets) from the VM.
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -158,7 +158,7 @@ do_setup() {
 
 # The command every worker runs: cd, exports, starflow2 ... --workdir, output appended to its log.
 remote_command() {
-  local cmd="cd ${REMOTE_DIR}"
+  local cmd="cd ${REMOTE_DIR} && export STARFLOW2_DISTRIBUTED=auto"
   local assignment
   for assignment in "${ENVS[@]}"; do
     cmd+=" && export ${assignment%%=*}=$(quote_word "${assignment#*=}")"

@@ -73,7 +73,7 @@ need() { [[ -n "$2" ]] || die "${ACTION} needs $1"; }
 
 # The command every pod runs: cd /app, exports, starflow2 ... --workdir.
 pod_command() {
-  local cmd="cd /app" assignment
+  local cmd="cd /app && export STARFLOW2_DISTRIBUTED=auto" assignment
   for assignment in "${ENVS[@]}"; do
     cmd+=" && export ${assignment%%=*}=$(quote_word "${assignment#*=}")"
   done

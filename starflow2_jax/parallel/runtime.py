@@ -7,9 +7,13 @@ device. Where the processes come from, in order:
 1. explicit values — the ``--coordinator HOST:PORT --num-processes N --process-id I`` flags, else the
    variables ``STARFLOW2_COORDINATOR``, ``STARFLOW2_NUM_PROCESSES``, ``STARFLOW2_PROCESS_ID`` (what
    ``launch/gpu/starflow2.sbatch`` exports): all three are then required;
-2. auto-detection by ``jax.distributed.initialize()`` — on a multi-host TPU slice (libtpu's
-   ``TPU_WORKER_HOSTNAMES`` lists several hosts, or a multi-slice job's ``MEGASCALE_COORDINATOR_ADDRESS``)
-   and under SLURM with more than one task (``SLURM_JOB_ID`` and ``SLURM_NTASKS`` > 1);
+2. auto-detection by ``jax.distributed.initialize()`` (which reads the cluster's own description:
+   GCE metadata on TPU VMs, the GKE TPU variables, SLURM's variables) — when
+   ``STARFLOW2_DISTRIBUTED=auto`` (the launch/tpu scripts set it on every worker: a TPU VM's
+   environment need not show that it is part of a pod), on a multi-host TPU slice whose
+   ``TPU_WORKER_HOSTNAMES`` lists several hosts (GKE), in a multi-slice job
+   (``MEGASCALE_COORDINATOR_ADDRESS``) and under SLURM with more than one task (``SLURM_JOB_ID`` and
+   ``SLURM_NTASKS`` > 1); ``STARFLOW2_DISTRIBUTED=off`` turns detection off;
 3. otherwise one process: nothing to start.
 
 A coordinator that does not answer within ``timeout_s`` (default 300 s) is a ``DistributedError``
@@ -32,6 +36,7 @@ import jax
 ENV_COORDINATOR = "STARFLOW2_COORDINATOR"
 ENV_NUM_PROCESSES = "STARFLOW2_NUM_PROCESSES"
 ENV_PROCESS_ID = "STARFLOW2_PROCESS_ID"
+ENV_DISTRIBUTED = "STARFLOW2_DISTRIBUTED"
 DEFAULT_TIMEOUT_S = 300
 
 T = TypeVar("T")
@@ -42,7 +47,7 @@ class DistributedError(RuntimeError):
 
 
 class Runtime(NamedTuple):
-    """How this process was started: ``mode`` 'single' | 'explicit' | 'tpu' | 'slurm';
+    """How this process was started: ``mode`` 'single' | 'explicit' | 'auto' | 'tpu' | 'slurm';
     ``process_id`` / ``num_processes`` as JAX reports them after start-up."""
 
     mode: str
@@ -62,8 +67,14 @@ def _env_int(name: str) -> int | None:
 
 def detect_cluster(environ: dict | None = None) -> str | None:
     """'tpu' on a multi-host TPU slice or multi-slice job, 'slurm' in a SLURM job with several tasks,
-    else None (one process). Reads only environment variables."""
+    'auto' when ``STARFLOW2_DISTRIBUTED=auto``, else None (one process; also for
+    ``STARFLOW2_DISTRIBUTED=off``). Reads only environment variables."""
     env = os.environ if environ is None else environ
+    forced = env.get(ENV_DISTRIBUTED, "").strip().lower()
+    if forced not in ("", "auto", "off"):
+        raise DistributedError(f"{ENV_DISTRIBUTED}={forced!r}: expected 'auto', 'off' or unset")
+    if forced:
+        return None if forced == "off" else "auto"
     hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
     if len(hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
         return "tpu"

@@ -53,12 +53,13 @@ def test_tpu_vm_dry_run_multislice_job():
             "--runtime-version=v2-alpha-tpuv5", "--spot", "--zone=us-east5-a", "--project=proj"} <= set(create)
     ssh = [c for c in cmds if c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]]
     runs = [c for c in ssh if any(w.startswith("--command=cd ~/starflow2-jax && export") for w in c)]
+    assert len(runs) == 2
     assert sorted(c[5] for c in runs) == ["sf2-0", "sf2-1"]  # every slice ...
     for c in runs:
         assert "--worker=all" in c  # ... and every worker of it
         remote = shlex.split(next(w for w in c if w.startswith("--command="))[len("--command="):])
         assert remote[:3] == ["cd", "~/starflow2-jax", "&&"]
-        assert "JAX_LOG_COMPILES=1" in remote and "NOTE=two words" in remote
+        assert "JAX_LOG_COMPILES=1" in remote and "NOTE=two words" in remote and "STARFLOW2_DISTRIBUTED=auto" in remote
         start = remote.index(".venv/bin/starflow2")
         assert remote[start + 1:start + 8] == ["train", "--config", "configs/tarflow.py:imagenet64",
                                                "--config.train.steps=10", "--workdir", "gs://bucket/stage3", "2>&1"]
@@ -93,7 +94,8 @@ def test_xpk_dry_run():
     assert {"--cluster=c1", "--workload=stage3", "--tpu-type=v5p-64", "--num-slices=2",
             "--docker-image=gcr.io/p/sf2:1", "--max-restarts=5"} <= set(cmd)
     pod = shlex.split(cmd[-1][len("--command="):])
-    assert pod == ["cd", "/app", "&&", "export", "A=1", "&&", "starflow2", "train", "--config",
+    assert pod == ["cd", "/app", "&&", "export", "STARFLOW2_DISTRIBUTED=auto", "&&", "export", "A=1", "&&",
+                   "starflow2", "train", "--config",
                    "configs/fae.py:g14_256,ib", "--workdir", "gs://b/run"]
     logs = _commands(_run("launch/tpu/xpk.sh", "logs", "--dry-run", "--cluster", "c1", "--workload", "stage3").stdout)
     assert logs[-1][:2] == ["kubectl", "logs"] and "--selector=jobset.sigs.k8s.io/jobset-name=stage3" in logs[-1]

@@ -32,6 +32,7 @@ def test_incomplete_or_bad_explicit_settings_name_what_is_missing(monkeypatch):
     with pytest.raises(parallel.DistributedError, match="STARFLOW2_NUM_PROCESSES='two'"):
         parallel.initialize()
     monkeypatch.delenv(runtime.ENV_NUM_PROCESSES)
+    monkeypatch.delenv(runtime.ENV_DISTRIBUTED, raising=False)
     assert parallel.initialize() == parallel.Runtime("single", 0, 1)  # nothing set, no cluster here
 
 
@@ -42,6 +43,10 @@ def test_cluster_detection():
     assert runtime.detect_cluster({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2:8080"}) == "tpu"
     assert runtime.detect_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
     assert runtime.detect_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "32"}) == "slurm"
+    assert runtime.detect_cluster({"STARFLOW2_DISTRIBUTED": "auto"}) == "auto"
+    assert runtime.detect_cluster({"STARFLOW2_DISTRIBUTED": "off", "SLURM_JOB_ID": "7", "SLURM_NTASKS": "32"}) is None
+    with pytest.raises(parallel.DistributedError, match="STARFLOW2_DISTRIBUTED='yes'"):
+        runtime.detect_cluster({"STARFLOW2_DISTRIBUTED": "yes"})
 
 
 def test_unreachable_coordinator_is_a_clear_error_within_the_timeout(tmp_path):
