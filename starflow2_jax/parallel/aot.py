@@ -4,12 +4,13 @@ topology on this machine, from abstract shapes, and report memory, FLOPs and the
     starflow2 aot --config FILE[:PRESET] --topology v5p:2x2x1 [--num-slices K] [--mfu 0.4] [--json]
 
 How: with ``libtpu`` installed (the ``tpu`` extra), ``jax.experimental.topologies.get_topology_desc``
-describes a TPU slice (``v5p:4x4x4``; ``num_slices`` > 1 for multi-slice) without any TPU present.
-The train state is built exactly as ``train.loop`` builds it (``train.step.state_shardings`` →
-abstract ``ShapeDtypeStruct``s with their ``NamedSharding``s on a ``parallel.make_mesh`` mesh of the
-topology's devices — multi-slice: the ``data`` axis spans the slices over DCN), the batch's shapes
-come from the task's own ``prepare_batch`` on a zero batch, and ``make_train_step(...).jitted`` is
-lowered and compiled. Nothing of the model's size is allocated.
+describes a TPU slice (``v5p:4x4x4``; ``num_slices`` > 1 for multi-slice) without any TPU present
+(``topology_devices``). ``starflow2 aot`` builds the train state exactly as ``train.loop`` does
+(``train.step.state_shardings`` → abstract ``ShapeDtypeStruct``s with their ``NamedSharding``s on a
+``parallel.make_mesh`` mesh of the topology's devices — multi-slice: the ``data`` axis spans the
+slices over DCN), takes the batch's shapes from the task's own ``prepare_batch`` on a zero batch, and
+hands ``make_train_step(...).jitted`` (and the sample-grid sampler) to ``compile_stages``, which
+lowers and compiles them. Nothing of the model's size is allocated.
 
 Numbers (per device; a TPU v4 chip shows as 2 devices, v5p/v5e/v6e chips as 1):
 - ``argument`` / ``output`` / ``temp`` bytes and the compiler's ``peak_memory_in_bytes`` from
@@ -23,14 +24,15 @@ Numbers (per device; a TPU v4 chip shows as 2 devices, v5p/v5e/v6e chips as 1):
 - Step time at ``mfu``: ``matmul FLOPs per device / (mfu × the device's peak bf16 FLOP/s)``.
 
 Two libtpu loads in one machine (two concurrent compiles, pytest-xdist workers) need
-``ALLOW_MULTIPLE_LIBTPU_LOAD=1``; ``topology_devices`` sets it when unset.
+``ALLOW_MULTIPLE_LIBTPU_LOAD=1``; ``starflow2 aot`` sets it (and ``TPU_SKIP_MDS_QUERY=1``) when unset.
+The training-config side (building the train state, batch and sampler the loop would use) lives in
+``cli/aot.py``: this module depends on nothing above ``parallel``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -90,12 +92,12 @@ def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
 
 def topology_devices(topology: str, num_slices: int = 1) -> list:
     """The TPU devices of ``num_slices`` slices of ``topology`` (``'v5p:4x4x4'``), described by libtpu
-    on this machine (no TPU needed). Raises AotError when libtpu is missing or rejects the name."""
+    on this machine (no TPU needed). Raises AotError when libtpu is missing or rejects the name.
+    Set ``ALLOW_MULTIPLE_LIBTPU_LOAD=1`` before (``starflow2 aot`` does) when another process may
+    have libtpu loaded."""
     parse_topology(topology)
     if isinstance(num_slices, bool) or not isinstance(num_slices, int) or num_slices < 1:
         raise AotError(f"--num-slices {num_slices!r}: expected an int >= 1")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata server here: don't wait for it
     try:
         import libtpu  # noqa: F401
     except ImportError as error:
@@ -170,67 +172,6 @@ def compile_from_shapes(jitted, *args, **kwargs) -> tuple[Any, float]:
 
 # ---- the train and sampling steps of a training config ---------------------------------------------
 
-class Built(NamedTuple):
-    """What ``build_train_step`` made: the resolved config, mesh, task, shardings, step, abstract batch."""
-
-    config: Any
-    mesh: Any
-    task: Any
-    shardings: Any
-    step: Callable
-    batch: dict
-
-
-def _raw_batch(config, task, batch_size: int) -> dict:
-    """A zero batch in the data pipeline's format (``image`` (B, H, W, C), ``label``, ``caption``)."""
-    if getattr(task, "latent_space", None) is not None:
-        shape = tuple(task.latent_space.image_shape)
-    elif config.model.family == "fae":
-        size = int(config.model.fae.image_size)
-        shape = (size, size, 3)
-    else:
-        fc = task.flow_config
-        shape = (*tuple(fc.image_size), fc.in_channels) if hasattr(fc, "image_size") else None
-        if shape is None:
-            raise AotError(f"cannot tell the image shape of model.family={config.model.family!r}")
-    return {"image": np.zeros((batch_size, *shape), np.float32), "label": np.zeros((batch_size,), np.int32),
-            "caption": np.asarray([""] * batch_size, dtype=object)}
-
-
-def abstract_batch(config, task, mesh) -> dict:
-    """``ShapeDtypeStruct``s (global batch ``data.batch_size``, split over ``('data', 'fsdp')``) of
-    ``task.prepare_batch`` output, from a zero batch of 1 row (only shapes and dtypes are kept)."""
-    from starflow2_jax import parallel
-
-    batch_size = int(config.data.batch_size)
-    shards = parallel.axes_size(mesh, parallel.BATCH_AXES)
-    if batch_size % shards:
-        raise AotError(f"data.batch_size={batch_size} is not divisible by the {shards} batch shards "
-                       f"(mesh data × fsdp = {dict(mesh.shape)})")
-    one = task.prepare_batch(_raw_batch(config, task, 1))
-    return {name: jax.ShapeDtypeStruct((batch_size, *np.shape(x)[1:]), np.asarray(x).dtype,
-                                       sharding=parallel.batch_sharding(mesh, np.ndim(x)))
-            for name, x in one.items()}
-
-
-def build_train_step(config, devices: Sequence) -> Built:
-    """The train step ``train.loop`` would run for ``config`` on ``devices`` (any devices, e.g. a TPU
-    topology's), with the abstract state and batch to lower it with."""
-    from starflow2_jax import parallel
-    from starflow2_jax.train.loop import resolve_config
-    from starflow2_jax.train.optim import make_optimizer
-    from starflow2_jax.train.step import make_train_step, state_shardings
-    from starflow2_jax.train.tasks import task_from_config
-
-    config = resolve_config(config)
-    mesh = parallel.make_mesh(dict(config.mesh), devices)
-    task = task_from_config(config)
-    optimizer, _ = make_optimizer(config.optim, int(config.train.steps), trainable=getattr(task, "trainable", None))
-    shardings = state_shardings(task, optimizer, mesh, ema=float(config.optim.ema_decay) > 0)
-    step = make_train_step(task, optimizer, mesh, shardings, config)
-    return Built(config, mesh, task, shardings, step, abstract_batch(config, task, mesh))
-
-
 def argument_bytes_per_device(*args) -> int:
     """Bytes one device holds of ``args`` (``ShapeDtypeStruct``s with shardings; unsharded leaves
     count whole): the sum of every leaf's shard."""
@@ -265,56 +206,42 @@ def _compile_stage(jitted, args: tuple, flops: int, num_devices: int, chip: Chip
                 fits=None if peak is None else bool(peak <= chip.device_hbm_bytes))
 
 
-def aot_report(config, topology: str, *, num_slices: int = 1, mfu: float = 0.4, sample: bool = True,
-               log: Callable[[str], None] = lambda _: None) -> dict:
-    """Compiles ``config``'s train step (and, with ``sample``, its sample-grid step when the task has
-    one) for ``num_slices`` × ``topology``; returns the JSON-able report (see the module docstring).
+class Stage(NamedTuple):
+    """One program to compile: ``name`` (a report key), the ``jax.jit`` object, its abstract
+    arguments, and the Flax rules table its activation constraints need (traced with the mesh)."""
 
-    ``report['fits']`` is False when any compiled step's peak memory exceeds a device's HBM.
-    """
-    if not 0 < mfu <= 1:
-        raise AotError(f"--mfu {mfu}: expected a fraction in (0, 1]")
-    from starflow2_jax import parallel
+    name: str
+    jitted: Any
+    args: tuple
+    rules: tuple
 
-    generation, dims = parse_topology(topology)
-    chip = CHIPS[generation]
-    devices = topology_devices(topology, num_slices)
+
+def topology_chip(topology: str, devices: Sequence) -> Chip:
+    """``CHIPS`` entry of ``topology``'s generation, checked against the ``device_kind`` libtpu gave."""
+    chip = CHIPS[parse_topology(topology)[0]]
     kinds = {d.device_kind for d in devices}
     if kinds != {chip.device_kind}:
         raise AotError(f"--topology {topology!r}: libtpu describes {sorted(kinds)} devices, the chip table expects "
                        f"{chip.device_kind!r}")
-    built = build_train_step(config, devices)
-    mesh = built.mesh
-    report = dict(topology=topology, num_slices=num_slices, devices=len(devices),
-                  chips=len(devices) // chip.devices_per_chip, device_kind=chip.device_kind,
-                  device_hbm_bytes=chip.device_hbm_bytes, device_peak_bf16_flops=chip.device_peak_flops, mfu=mfu,
-                  mesh=dict(mesh.shape), batch_size=int(built.config.data.batch_size),
-                  params=sum(math.prod(x.shape) for x in jax.tree.leaves(built.shardings.abstract_state.params)),
-                  flops_method="analytic: 2*M*N*K per dot_general of the jaxpr, scan bodies x trip count")
-    state, extra = built.shardings.abstract_state, built.shardings.abstract_extra
-    log(f"compiling the train step for {num_slices} x {topology} ({len(devices)} devices, mesh {dict(mesh.shape)})")
-    args = (state, extra, built.batch)
-    with parallel.activation_rules(mesh, built.task.rules):
-        flops = matmul_flops(built.step.jitted, *args)
-        report["train_step"] = _compile_stage(built.step.jitted, args, flops, len(devices), chip, mfu)
-    report["sample_step"] = None
-    if sample and hasattr(built.task, "sample_grid"):
-        guidance = max(float(g) for g in built.config.sample.guidance)
-        task = built.task
+    return chip
 
-        def sample_fn(params, extra_vars, key_data):
-            return task.sample_grid(params, extra_vars, jax.random.wrap_key_data(key_data), guidance=guidance).images
 
-        sampler = jax.jit(sample_fn, in_shardings=(built.shardings.state.params, built.shardings.extra, None))
-        key = jax.ShapeDtypeStruct((2,), np.uint32)
-        log(f"compiling the sample-grid step (guidance {guidance:g})")
-        args = (state.params, extra, key)
-        with parallel.activation_rules(mesh, task.rules):
-            flops = matmul_flops(sampler, *args)
-            report["sample_step"] = dict(_compile_stage(sampler, args, flops, len(devices), chip, mfu),
-                                         guidance=guidance)
-    report["fits"] = all(r["fits"] is not False for r in (report["train_step"], report["sample_step"]) if r)
-    return report
+def compile_stages(stages: Sequence[Stage], mesh, chip: Chip, *, mfu: float = 0.4,
+                   log: Callable[[str], None] = lambda _: None) -> dict:
+    """``{stage.name: record}`` for every stage compiled on ``mesh`` (see ``_compile_stage``) plus
+    ``'fits'``: False when any stage's peak memory (or the compiler) says it does not fit."""
+    if not 0 < mfu <= 1:
+        raise AotError(f"--mfu {mfu}: expected a fraction in (0, 1]")
+    from starflow2_jax.parallel.sharding import activation_rules
+
+    out = {}
+    for stage in stages:
+        log(f"compiling {stage.name} for {mesh.devices.size} devices, mesh {dict(mesh.shape)}")
+        with activation_rules(mesh, stage.rules):
+            flops = matmul_flops(stage.jitted, *stage.args)
+            out[stage.name] = _compile_stage(stage.jitted, stage.args, flops, mesh.devices.size, chip, mfu)
+    out["fits"] = all(record["fits"] is not False for record in out.values())
+    return out
 
 
 def _gib(n) -> str:
@@ -336,14 +263,17 @@ def format_report(report: dict) -> str:
     lines = [f"{report['num_slices']} x {report['topology']}: {report['devices']} devices "
              f"({report['device_kind']}, {_gib(report['device_hbm_bytes'])} HBM and "
              f"{report['device_peak_bf16_flops'] / 1e12:.1f} bf16 TFLOP/s each), mesh {report['mesh']}, "
-             f"global batch {report['batch_size']}, {report['params'] / 1e6:.2f}M trainable params"]
+             f"global batch {report['batch_size']}, {report['params'] / 1e6:.2f}M trainable params"
+             + (f", remat {report['remat']!r}" if report.get("remat") else "")]
     for name in ("train_step", "sample_step"):
         r = report.get(name)
         if not r:
             continue
         m = r["memory"]
         verdict = {True: "fits", False: "DOES NOT FIT", None: "unknown"}[r["fits"]]
-        lines += [f"{name} (compiled in {r['compile_seconds']:.1f}s), per device:"]
+        sampling = name == "sample_step" and "sample_guidance" in report
+        what = f" at guidance {report['sample_guidance']:g}" if sampling else ""
+        lines += [f"{name}{what} (compiled in {r['compile_seconds']:.1f}s), per device:"]
         if r.get("compiler_error"):
             lines += [f"  the TPU compiler refused it: {r['compiler_error']}",
                       f"  arguments {_gib(m.get('argument_size_in_bytes'))} of {_gib(r['hbm_bytes'])} HBM: {verdict}"]

@@ -103,6 +103,8 @@ def test_aot_unknown_topology_and_bad_mesh_are_clear_errors():
 @needs_libtpu
 def test_multislice_mesh_puts_the_data_axis_across_slices():
     script = textwrap.dedent("""
+        import os
+        os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
         from starflow2_jax import parallel
         from starflow2_jax.parallel import aot
         devices = aot.topology_devices("v5p:2x2x1", num_slices=2)
