@@ -114,9 +114,11 @@ def test_slurm_submit_and_batch_script_dry_runs():
     assert {"--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=a100", "--time=48:00:00",
             "--output=/shared/runs/t64/logs/slurm-%j.out"} <= set(sbatch)
     exports = next(w for w in sbatch if w.startswith("--export="))[len("--export="):].split(",")
-    assert exports[0] == "ALL" and {"STARFLOW2_PROCESS_PER=gpu", "NCCL_DEBUG=WARN", f"STARFLOW2_REPO={ROOT}"} <= set(exports)
+    assert exports[0] == "ALL"
+    assert {"STARFLOW2_PROCESS_PER=gpu", "NCCL_DEBUG=WARN", f"STARFLOW2_REPO={ROOT}"} <= set(exports)
     script = sbatch.index(str(ROOT / "launch/gpu/starflow2.sbatch"))
-    assert sbatch[script + 1:] == ["train", "--config", "configs/tarflow.py:imagenet64", "--workdir", "/shared/runs/t64"]
+    assert sbatch[script + 1:] == ["train", "--config", "configs/tarflow.py:imagenet64", "--workdir",
+                                   "/shared/runs/t64"]
 
     per_node = _commands(_run("launch/gpu/submit.sh", "--dry-run", "--nodes", "2", "--per", "node", "--workdir", "/w",
                               "--", "train").stdout)[1]

@@ -83,7 +83,8 @@ def test_aot_tiny_config_on_v5p_2x2x1_reports_memory_and_flops():
 def test_aot_config_that_does_not_fit_reports_numbers_and_exits_1():
     width = 16384  # two layers of width 16384, data-parallel: ~3G params replicated on a 16 GiB v5e
     result = _aot("--config", "configs/demo.py:runlocal", "--topology", "v5e:2x2", "--no-sample",
-                  f"--config.model.flow.kwargs.channels={width}", f"--config.model.flow.kwargs.top_block_channels={width}")
+                  f"--config.model.flow.kwargs.channels={width}",
+                  f"--config.model.flow.kwargs.top_block_channels={width}")
     assert result.returncode == 1, result.stderr[-3000:]
     assert "DOES NOT FIT" in result.stdout and "16 GiB HBM" in result.stdout
     assert "does not fit on 1 x v5e:2x2" in result.stderr
