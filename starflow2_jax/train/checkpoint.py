@@ -30,6 +30,7 @@ is checked before every save.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any
@@ -191,8 +192,6 @@ def _data_states(directory: epath.Path) -> dict[str, str]:
 def _restore_data_position(data_iter: grain.DatasetIterator, saved: dict[str, str], step: int) -> None:
     """The process-count-change policy of the module docstring: every process takes the one state
     all saved processes agree on; raises ValueError when there is none or they differ."""
-    import json
-
     if not saved:
         raise ValueError(f"checkpoint step {step} has no data iterator state to restore the data position from")
     states = {name: json.loads(text) for name, text in saved.items()}
