@@ -47,10 +47,10 @@ from collections.abc import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import jax.extend.core as jex_core
 import numpy as np
 
 from starflow2_jax.bench import common
+from starflow2_jax.parallel import aot
 from starflow2_jax.fae import api as fae_api
 from starflow2_jax.fae.config import FAEConfig
 from starflow2_jax.fae.dinov2 import Dinov2Config
@@ -166,52 +166,9 @@ def _time_stage(name: str, fn, variables, x, *, batch: int, steps: int, repeats:
                 matmul_flops=flops, matmul_flops_per_second=flops / timing.median), out["y"]
 
 
-def _subjaxprs(value):
-    if isinstance(value, jex_core.ClosedJaxpr):
-        yield value.jaxpr
-    elif isinstance(value, jex_core.Jaxpr):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _subjaxprs(item)
-
-
-def _jaxpr_matmul_flops(jaxpr) -> int:
-    total = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            (contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[d] for d in contract]))
-            continue
-        inner = [_jaxpr_matmul_flops(sub) for value in eqn.params.values() for sub in _subjaxprs(value)]
-        if eqn.primitive.name == "cond":
-            total += max(inner, default=0)  # one branch runs
-        else:  # scan: the body runs `length` times (a while loop's trip count is unknown: counted once)
-            total += int(eqn.params.get("length", 1)) * sum(inner) if eqn.primitive.name == "scan" else sum(inner)
-    return total
-
-
-def matmul_flops(fn, *args) -> int:
-    """2·M·N·K summed over every ``dot_general`` of ``fn(*args)``'s jaxpr, scan bodies × their length
-    (arrays or ``ShapeDtypeStruct``s; nothing runs). XLA's ``cost_analysis`` counts a loop body once,
-    so for the scanned layer stacks it under-counts by about the number of layers."""
-    return _jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
-
-
-def _cost(compiled) -> dict:
-    """flops / bytes accessed (``cost_analysis``) and memory sizes (``memory_analysis``); None when the
-    backend does not report them."""
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
-        cost = cost[0] if cost else None
-    cost = cost or {}
-    result = {"xla_flops": cost.get("flops"), "xla_bytes_accessed": cost.get("bytes accessed")}
-    memory = compiled.memory_analysis()
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-              "generated_code_size_in_bytes", "alias_size_in_bytes")
-    result["memory"] = None if memory is None else {f: getattr(memory, f, None) for f in fields}
-    return result
+# The FLOP counter and the compiler-analysis reader live in parallel.aot (``starflow2 aot`` uses them).
+matmul_flops = aot.matmul_flops
+_cost = aot.compiled_costs
 
 
 def run_abstract(config: FAEConfig, batch: int, *, compile_stages: bool = True, seed: int = 0) -> dict:

@@ -50,3 +50,29 @@ def fail(command: str, message: object, status: int = 2) -> int:
 def note(message: str) -> None:
     """A line for the user on stderr (stdout is kept for the JSON result)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def add_distributed_arguments(parser) -> None:
+    """The multi-process flags of every entry point that runs JAX (see ``parallel.runtime``)."""
+    group = parser.add_argument_group("multi-process (auto-detected on TPU VMs and under SLURM)")
+    group.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="process 0's address (or $STARFLOW2_COORDINATOR)")
+    group.add_argument("--num-processes", type=int, default=None, metavar="N",
+                       help="number of processes (or $STARFLOW2_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=int, default=None, metavar="I",
+                       help="this process, 0..N-1 (or $STARFLOW2_PROCESS_ID)")
+    group.add_argument("--distributed-timeout", type=int, default=300, metavar="SECONDS",
+                       help="how long to wait for the coordinator and the other processes (default 300)")
+
+
+def start_runtime(args, workdir: str | None = None):
+    """Starts ``jax.distributed`` from ``args`` (``add_distributed_arguments``) and, with a local
+    ``workdir``, this process's log file ``<workdir>/logs/process_<i>.log``. Returns the
+    ``parallel.Runtime``; raises ``parallel.DistributedError`` (a RuntimeError naming the settings)."""
+    from starflow2_jax import parallel
+
+    runtime = parallel.initialize(args.coordinator, args.num_processes, args.process_id,
+                                  timeout_s=args.distributed_timeout)
+    if workdir is not None:
+        parallel.add_host_log(workdir)
+    return runtime

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from starflow2_jax.cli.common import fail, note
+from starflow2_jax.cli.common import add_distributed_arguments, fail, note, start_runtime
 
 NAME = "eval"
 HELP = "evaluate a trained workdir (bpd: held-out bits/dim; fae: FAE reconstruction errors; as JSON)"
@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bpd.add_argument("--allow-frozen-change", action="store_true",
                      help="evaluate although a frozen part differs from the one the run recorded")
     bpd.add_argument("--verbose", action="store_true", help="keep the INFO logs of Orbax, grain and TFDS")
+    add_distributed_arguments(bpd)
 
     fae = kinds.add_parser("fae", help="FAE reconstruction errors on a held-out split, as JSON",
                            description="feature / pixel reconstruction errors and PSNR of an FAE workdir's latest "
@@ -53,12 +54,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fae.add_argument("--allow-frozen-change", action="store_true",
                      help="evaluate although the frozen DINOv2 differs from the one the run recorded")
     fae.add_argument("--verbose", action="store_true", help="keep the INFO logs of Orbax, grain and TFDS")
+    add_distributed_arguments(fae)
 
 
 def run(args: argparse.Namespace) -> int:
     from starflow2_jax.cli.common import setup_logging
 
     setup_logging(args.verbose)
+    from starflow2_jax.parallel import DistributedError
+
+    try:
+        start_runtime(args)
+    except DistributedError as error:
+        return fail(f"{NAME} {args.evaluation}", error)
     if args.evaluation == "fae":
         return _run_fae(args)
     from starflow2_jax.eval.bpd import evaluate_bpd

@@ -31,6 +31,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "starflow2_jax.cli.train",
     "starflow2_jax.cli.sample",
     "starflow2_jax.cli.eval",
+    "starflow2_jax.cli.aot",
 )
 
 _INTERFACE = ("NAME", "HELP", "add_arguments", "run")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from starflow2_jax.cli.common import fail, note
+from starflow2_jax.cli.common import add_distributed_arguments, fail, note, start_runtime
 
 NAME = "sample"
 HELP = "draw a sample grid (PNG + .npz + JSON) from a trained workdir"
@@ -40,12 +40,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-frozen-change", action="store_true",
                         help="sample although a frozen part (e.g. the FAE) differs from the one the run recorded")
     parser.add_argument("--verbose", action="store_true", help="keep the INFO logs of Orbax and JAX")
+    add_distributed_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from starflow2_jax.cli.common import setup_logging
 
     setup_logging(args.verbose)
+    from starflow2_jax.parallel import DistributedError
+
+    try:
+        start_runtime(args)
+    except DistributedError as error:
+        return fail(NAME, error)
     from starflow2_jax.train.generate import sample_from_workdir, summary_line
 
     jacobi = "config" if args.jacobi is None else args.jacobi

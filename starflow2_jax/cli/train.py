@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 
-from starflow2_jax.cli.common import fail, note, setup_logging
+from starflow2_jax.cli.common import add_distributed_arguments, fail, note, setup_logging, start_runtime
 
 NAME = "train"
 HELP = "train (or resume) a model from a config file; --config.a.b=VALUE overrides fields"
@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-after", type=int, default=None, metavar="STEP",
                         help="stop (with a checkpoint) at this step; the LR schedule still spans train.steps")
     parser.add_argument("--verbose", action="store_true", help="keep the INFO logs of Orbax, grain and TFDS")
+    add_distributed_arguments(parser)
 
 
 def _check_paths(config) -> None:
@@ -91,6 +92,12 @@ def run(args: argparse.Namespace) -> int:
         return fail(NAME, f"--workdir {args.workdir!r} exists and is not a directory")
 
     setup_logging(args.verbose)
+    from starflow2_jax.parallel import DistributedError
+
+    try:
+        start_runtime(args, workdir)  # jax.distributed (multi-host), this process's log file
+    except DistributedError as error:
+        return fail(NAME, error)
     from starflow2_jax.train.loop import NonFiniteLossError, train
 
     _describe(workdir, config, args.config)

@@ -62,14 +62,37 @@ def mesh_shape(shape: Mapping[str, int] | Sequence[int], num_devices: int) -> tu
     return tuple(int(size) for size in sizes)
 
 
+def num_slices(devices: Sequence[jax.Device]) -> int:
+    """How many TPU slices ``devices`` span (``slice_index``; 1 for CPU/GPU devices, which have none)."""
+    return len({getattr(d, "slice_index", 0) or 0 for d in devices})
+
+
 def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ``Mesh`` over ``devices`` (default: all of ``jax.devices()``) with axes ``MESH_AXES``, all Auto.
 
-    See ``mesh_shape`` for ``shape``. Device order comes from ``jax.make_mesh`` (topology-aware
-    on TPU/GPU, so ``tensor`` — the innermost axis — lands on the fastest interconnect).
+    See ``mesh_shape`` for ``shape`` (the *global* sizes). Device order comes from ``jax.make_mesh``
+    (topology-aware on TPU/GPU, so ``tensor`` — the innermost axis — lands on the fastest
+    interconnect). Multi-slice (devices on K > 1 TPU slices): the ``data`` axis is split K ways over
+    the slices (DCN, ``mesh_utils.create_hybrid_device_mesh``) and ``data / K``, ``fsdp``,
+    ``tensor`` within each slice (ICI), so only the gradient all-reduce crosses DCN. Raises
+    ValueError when the sizes do not fit the devices (naming both).
     """
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("make_mesh: the device list is empty")
-    sizes = mesh_shape(shape, len(devices))
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=AXIS_TYPES, devices=devices)
+    try:
+        sizes = mesh_shape(shape, len(devices))
+    except ValueError as error:
+        raise ValueError(f"{error} (this job has {len(devices)} devices in {jax.process_count()} process(es); "
+                         f"set the config's mesh.data / mesh.fsdp / mesh.tensor so their product is "
+                         f"{len(devices)}, or one of them to -1)") from error
+    slices = num_slices(devices)
+    if slices == 1:
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=AXIS_TYPES, devices=devices)
+    if sizes[0] % slices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: the devices span {slices} TPU slices and the "
+                         f"'data' axis (the one across slices) must be a multiple of {slices}")
+    from jax.experimental import mesh_utils
+
+    grid = mesh_utils.create_hybrid_device_mesh((sizes[0] // slices, *sizes[1:]), (slices, 1, 1), devices)
+    return Mesh(grid, MESH_AXES, axis_types=AXIS_TYPES)

@@ -5,6 +5,15 @@ family's frozen parts: ``train.frozen``), ``data_iter`` (every process's grain i
 file each) and ``config`` (JSON; it records each frozen part's source and fingerprint). Restores take abstract
 targets carrying the *current* mesh's shardings, so a checkpoint restores onto any mesh.
 
+Data position across process counts: every process saves its grain iterator state (the number of
+batches it has read). The pipeline (``data.pipeline.make_pipeline``) shuffles and preprocesses the
+*global* stream before sharding it by process, so global batch k holds the same examples (and the
+same random values) for any process count, and all processes save the same state. A restart on a
+different process count therefore gives every process the state process 0 saved: the next global
+batch is the one an uninterrupted run would have drawn, its rows spread over the devices in another
+order. States that differ between the saved processes (a custom stream) cannot be mapped and are an
+error naming the files.
+
 Retention: the ``keep_last`` newest steps, plus every step that is a multiple of ``keep_every``
 (Orbax ``LatestN`` ∪ ``EveryNSteps``; a step kept by either survives).
 
@@ -22,6 +31,7 @@ is checked before every save.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any
@@ -146,9 +156,15 @@ class Checkpointer:
         """``(state, extra_vars)`` of ``step`` laid out as the abstract targets' shardings; restores
         ``data_iter`` in place (when given)."""
         items = dict(state=ocp.args.StandardRestore(abstract_state))
+        saved_states = None
         if data_iter is not None:
-            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+            saved_states = _data_states(self.directory / str(step) / "data_iter")
+            if f"process_{jax.process_index()}-of-{jax.process_count()}.json" in saved_states:
+                items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+                saved_states = None
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if saved_states is not None:
+            _restore_data_position(data_iter, saved_states, step)
         # extra: a partial restore, so a step saved before frozen parts left it (they were in it) resumes
         extra = restore_item(self.directory / str(step), "extra", abstract_extra) if jax.tree.leaves(abstract_extra) \
             else abstract_extra
@@ -168,6 +184,29 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _data_states(directory: epath.Path) -> dict[str, str]:
+    """``{file name: JSON text}`` of the per-process iterator states saved in ``directory``."""
+    if not directory.exists():
+        return {}
+    return {p.name: p.read_text() for p in directory.iterdir() if re.fullmatch(r"process_\d+-of-\d+\.json", p.name)}
+
+
+def _restore_data_position(data_iter: grain.DatasetIterator, saved: dict[str, str], step: int) -> None:
+    """The process-count-change policy of the module docstring: every process takes the one state
+    all saved processes agree on; raises ValueError when there is none or they differ."""
+    if not saved:
+        raise ValueError(f"checkpoint step {step} has no data iterator state to restore the data position from")
+    states = {name: json.loads(text) for name, text in saved.items()}
+    distinct = {json.dumps(state, sort_keys=True) for state in states.values()}
+    if len(distinct) != 1:
+        raise ValueError(f"checkpoint step {step} was saved by {len(states)} processes with different data iterator "
+                         f"states ({sorted(states)}); they cannot be mapped onto {jax.process_count()} process(es)")
+    state = next(iter(states.values()))
+    logging.warning("checkpoint step %d was saved by %d process(es), this run has %d: every process resumes the "
+                    "data at the saved position %s", step, len(states), jax.process_count(), state)
+    data_iter.set_state(state)
 
 
 def absolute_path(path: os.PathLike | str) -> epath.Path:

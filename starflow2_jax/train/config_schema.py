@@ -89,6 +89,8 @@ for reference; their definitions live in ``train.tasks.flow`` / ``train.tasks.fa
     train.frozen_copy         write each frozen part once to <workdir>/frozen/<name> (a self-contained run;
                               later stages and restores may point at it)
     train.async_checkpoint    write checkpoints in the background
+    train.compilation_cache_dir  '' (off) | a directory (local or gs://) for JAX's persistent
+                              compilation cache: restarts and later runs reuse compiled steps
     mesh.data, fsdp, tensor   mesh axis sizes; one may be −1 (the rest of the devices)
     sample.guidance           list of guidance weights, one grid panel each
     sample.per_class          samples per class (label) / per prompt (caption) / rows (none)
@@ -133,7 +135,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         steps=1000, grad_accum=1, log_every=50, sample_every=0, checkpoint_every=500, keep_last=3,
         keep_every=0, max_nonfinite_steps=20, init_from="", init_new=(), allow_frozen_change=False,
-        frozen_copy=False, async_checkpoint=True))
+        frozen_copy=False, async_checkpoint=True, compilation_cache_dir=""))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sample = ml_collections.ConfigDict(dict(
         guidance=[0.0], per_class=4, prompts=(),
@@ -206,6 +208,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ValueError(f"train.{field}={config.train[field]!r}: expected a bool")
     if not hasattr(_get(config, "frozen"), "keys"):
         raise ValueError(f"frozen={config.frozen!r}: expected a dict (the trainer fills it)")
+    if not isinstance(_get(config, "train.compilation_cache_dir"), str):
+        raise ValueError(f"train.compilation_cache_dir={config.train.compilation_cache_dir!r}: expected a directory "
+                         f"string ('' for none)")
 
     minus_one = [axis for axis in ("data", "fsdp", "tensor") if _int(config, f"mesh.{axis}", 1, allow=(-1,)) == -1]
     if len(minus_one) > 1:

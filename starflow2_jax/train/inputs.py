@@ -33,7 +33,10 @@ def make_source(config, split: str, workdir: os.PathLike | str):
     if builder in ("digits", "photos"):
         from starflow2_jax.data.digits import build_digits
         from starflow2_jax.data.photos import build_photos
-        prepared = (build_digits if builder == "digits" else build_photos)(data_dir(config, workdir))
+        from starflow2_jax.parallel import process_0_first
+
+        build = build_digits if builder == "digits" else build_photos  # process 0 writes the files, the rest wait
+        prepared = process_0_first(lambda: build(data_dir(config, workdir)), f"starflow2_jax.inputs.build_{builder}")
         check_dataset_dir(prepared.data_dir, field="data.data_dir", splits=[split], value=data_dir(config, workdir))
         return NamedSource(prepared.as_data_source(split), prepared.data_dir, split, value=data_dir(config, workdir))
     if builder == "directory":

@@ -16,8 +16,11 @@ Workdir layout::
 Resume order: this workdir's latest complete checkpoint → ``train.init_from`` (params only) → scratch.
 Frozen parts (``train.frozen``) are loaded from their sources at every start, before anything is
 written to the workdir; a resume whose frozen sources changed stops (``train.allow_frozen_change``).
-SIGTERM: the handler only sets a flag; the loop then saves the current step (blocking) and returns
-normally (a CLI built on it exits 0). Non-finite steps are rejected by the step function; after
+SIGTERM (on any process): the handler only sets a flag; the processes agree on one step
+(``parallel.StopAgreement``: a vote read one step late, so at most two more steps run), each saves
+that step (blocking) and returns normally (a CLI built on it exits 0). A restart may use another
+process or device count: the state is resharded onto the new mesh, and the data position is the
+step (see ``train.checkpoint``). Non-finite steps are rejected by the step function; after
 ``train.max_nonfinite_steps`` of them in a row the loop raises ``NonFiniteLossError`` without saving,
 and periodic saves are skipped while the latest step is non-finite. The non-finite streak is read
 one step late (after the next step is dispatched) so the host never stalls the device pipeline.
@@ -29,8 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import threading
 from typing import Any, NamedTuple
 
 import grain
@@ -69,30 +70,6 @@ class TrainResult(NamedTuple):
     step: int
     metrics: dict
     interrupted: bool
-
-
-class _SignalFlag:
-    """Installs a SIGTERM handler that only records the signal (restored on exit)."""
-
-    def __init__(self):
-        self.received = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        else:
-            logging.warning("train() is not running in the main thread: no SIGTERM handler (no save on preemption)")
-        return self
-
-    def _handle(self, signum, frame):
-        del frame
-        logging.warning("received signal %d: saving a checkpoint at the current step, then stopping", signum)
-        self.received = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -192,6 +169,7 @@ def train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, task
     workdir = os.fspath(workdir)
     tc = config.train
     total = int(tc.steps) if stop_after is None else min(int(tc.steps), int(stop_after))
+    parallel.set_compilation_cache(str(config.train.compilation_cache_dir))
     mesh = parallel.make_mesh(dict(config.mesh))
     family = families.get(config.model.family)
     task = task if task is not None else family.make_task(config)
@@ -219,7 +197,7 @@ def train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, task
     with contextlib.ExitStack() as stack:
         stack.callback(writer.close)
         stack.callback(checkpointer.close)
-        flag = stack.enter_context(_SignalFlag())  # early: a SIGTERM during compile still ends in a save
+        flag = stack.enter_context(parallel.StopAgreement(mesh))  # early: a SIGTERM during compile still saves
         state, extra = _initial_state(config, task, optimizer, shardings, checkpointer, data_iter, ema, frozen)
         step = int(jax.device_get(state.step))
         if jax.process_index() == 0:
@@ -249,17 +227,19 @@ def train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, task
 
         pending = None  # the previous step's metrics, checked after the next step is dispatched
         first_step = step
-        while step < total and not flag.received:
+        while step < total and not flag.stop:
             batch = parallel.shard_batch(task.prepare_batch(next(data_iter)), mesh)
             state, step_metrics = train_step(state, extra, batch)
             step += 1
+            flag.vote(step)  # SIGTERM anywhere: every process sees stop after the same step
             history.append(step_metrics)
             if pending is not None:
                 check(*pending)  # one step late: keeps a step in flight while the host waits
             pending = (step, step_metrics)
             log_now = step % int(tc.log_every) == 0 or step == total
             sample_now = bool(tc.sample_every) and step % int(tc.sample_every) == 0
-            save_now = bool(tc.checkpoint_every) and step % int(tc.checkpoint_every) == 0 and step < total
+            save_now = (bool(tc.checkpoint_every) and step % int(tc.checkpoint_every) == 0 and step < total
+                        and not flag.stop)  # the agreed stop step is saved below
             if not (log_now or sample_now or save_now):
                 continue
             streak = check(*pending)
@@ -282,9 +262,9 @@ def train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, task
         streak = check(*pending) if pending is not None else int(jax.device_get(state.nonfinite_streak))
         if history:
             last_metrics = _mean_metrics(history)
-        if finished and not streak and not flag.received and task.finalize is not None:
+        if finished and not streak and not flag.stop and task.finalize is not None:
             extra = task.finalize(state.params, extra, data_iter)  # e.g. the FAE's latent statistics
-        if flag.received:
+        if flag.stop:
             checkpointer.wait()
             saved = save(wait=True)
             logging.warning("stopped by SIGTERM at step %d (%s)", step,
@@ -295,4 +275,4 @@ def train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, task
             save(wait=True)
         writer.flush()
         return TrainResult(state=state, extra_vars=extra, step=step, metrics=last_metrics,
-                           interrupted=flag.received)
+                           interrupted=flag.stop)

@@ -1,0 +1,103 @@
+"""parallel.runtime and parallel.preemption on one process: settings errors, an unreachable
+coordinator, cluster detection, the stop vote's timing, the compilation cache and host logs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from starflow2_jax import parallel
+from starflow2_jax.parallel import runtime
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_incomplete_or_bad_explicit_settings_name_what_is_missing(monkeypatch):
+    for name in (runtime.ENV_COORDINATOR, runtime.ENV_NUM_PROCESSES, runtime.ENV_PROCESS_ID):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(parallel.DistributedError, match=r"needs --coordinator \(or STARFLOW2_COORDINATOR\)"):
+        parallel.initialize(num_processes=2, process_id=0)
+    with pytest.raises(parallel.DistributedError, match="'localhost': expected HOST:PORT"):
+        parallel.initialize("localhost", 2, 0)
+    with pytest.raises(parallel.DistributedError, match="--process-id 2 / --num-processes 2"):
+        parallel.initialize("localhost:1234", 2, 2)
+    monkeypatch.setenv(runtime.ENV_NUM_PROCESSES, "two")
+    with pytest.raises(parallel.DistributedError, match="STARFLOW2_NUM_PROCESSES='two'"):
+        parallel.initialize()
+    monkeypatch.delenv(runtime.ENV_NUM_PROCESSES)
+    monkeypatch.delenv(runtime.ENV_DISTRIBUTED, raising=False)
+    assert parallel.initialize() == parallel.Runtime("single", 0, 1)  # nothing set, no cluster here
+
+
+def test_cluster_detection():
+    assert runtime.detect_cluster({}) is None
+    assert runtime.detect_cluster({"TPU_WORKER_HOSTNAMES": "10.0.0.2"}) is None  # a single-host slice
+    assert runtime.detect_cluster({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}) == "tpu"
+    assert runtime.detect_cluster({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2:8080"}) == "tpu"
+    assert runtime.detect_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
+    assert runtime.detect_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "32"}) == "slurm"
+    assert runtime.detect_cluster({"STARFLOW2_DISTRIBUTED": "auto"}) == "auto"
+    assert runtime.detect_cluster({"STARFLOW2_DISTRIBUTED": "off", "SLURM_JOB_ID": "7", "SLURM_NTASKS": "32"}) is None
+    with pytest.raises(parallel.DistributedError, match="STARFLOW2_DISTRIBUTED='yes'"):
+        runtime.detect_cluster({"STARFLOW2_DISTRIBUTED": "yes"})
+
+
+def test_unreachable_coordinator_is_a_clear_error_within_the_timeout(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-m", "starflow2_jax.cli", "train", "--config", "configs/demo.py:runlocal",
+                             "--workdir", str(tmp_path / "run"), "--coordinator", f"127.0.0.1:{port}",
+                             "--num-processes", "2", "--process-id", "1", "--distributed-timeout", "3"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"jax.distributed could not start (coordinator 127.0.0.1:{port}, process 1 of 2) within 3s" in result.stderr
+
+
+def test_stop_vote_stops_every_caller_one_step_after_the_signal():
+    mesh = parallel.make_mesh({"data": -1})
+    with parallel.StopAgreement(mesh) as agreement:
+        assert not agreement.vote(1) and not agreement.vote(2)
+        os.kill(os.getpid(), signal.SIGTERM)  # only sets the flag
+        assert agreement.received and not agreement.stop
+        assert not agreement.vote(3)  # step 3's vote carries the flag; it is read after step 4
+        assert agreement.vote(4) and agreement.stop_step == 4
+    assert signal.getsignal(signal.SIGTERM) is not agreement._handle  # the handler is restored
+
+
+def test_mesh_that_does_not_fit_the_devices_names_both():
+    with pytest.raises(ValueError, match=r"product 3 does not match the 8 devices.*8 devices in 1 process"):
+        parallel.make_mesh({"data": 3})
+
+
+def test_compilation_cache_and_host_log(tmp_path):
+    previous = jax.config.jax_compilation_cache_dir
+    try:
+        parallel.set_compilation_cache(str(tmp_path / "cache"))
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache") and (tmp_path / "cache").is_dir()
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)
+    path = parallel.add_host_log(str(tmp_path))
+    assert path == str(tmp_path / "logs" / "process_0.log")
+    import logging
+    logging.getLogger("starflow2.test").warning("hello from the host log")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    assert "p0 WARNING hello from the host log" in Path(path).read_text()
+    assert parallel.add_host_log("gs://bucket/run") is None
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "baseFilename", None) == path]:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def test_process_0_first_on_one_process_just_runs():
+    assert parallel.process_0_first(lambda: 42, "x") == 42
