@@ -10,7 +10,21 @@ import numpy as np
 from starflow2_jax import vlm
 from starflow2_jax.pretzel import config as pconfig
 from starflow2_jax.pretzel import layout
+from starflow2_jax.pretzel import losses
 from starflow2_jax.pretzel import model as pmodel
+
+# jitted once per config for the whole test session
+lm_logits = jax.jit(pmodel.lm_logits, static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("train",))
+def _per_example(config, params, vlm_params, batch, rng=None, train=False):
+    return losses.per_example(config, params, vlm_params, batch, rng=rng, train=train)
+
+
+def per_example(config, params, batch, rng=None, train=False):
+    """losses.per_example on a numpy batch, with the session's tiny VLM."""
+    return _per_example(config, params, vlm_params(), jnp_batch(batch), rng=rng, train=train)
 
 
 @functools.lru_cache(maxsize=None)
