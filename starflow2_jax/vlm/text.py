@@ -137,3 +137,13 @@ def create_cache(config: QwenTextConfig, batch: int, length: int, dtype=None) ->
     """An empty stacked KV cache of ``length`` slots for every layer, in the compute dtype by default."""
     return KVCache.create(batch, length, config.num_kv_heads, config.head_dim, num_layers=config.num_layers,
                           dtype=jnp.dtype(dtype or config.dtype))
+
+
+def text_step(config: QwenTextConfig, params, cache: KVCache, *, input_ids=None, inputs_embeds=None,
+              position_ids=None, attention_mask=None):
+    """Q new tokens (ids (B, Q) or embeddings (B, Q, D)) through the decoder against ``cache`` → ``(final
+    normed hidden states (B, Q, D), updated cache)``; no LM head (``QwenTextModel.logits`` adds it).
+    position_ids (3, B, Q); attention_mask (B, S) over the whole cache. Call inside ``jax.jit``."""
+    return QwenTextModel(config).apply({"params": params}, input_ids, inputs_embeds=inputs_embeds,
+                                       position_ids=position_ids, attention_mask=attention_mask, cache=cache,
+                                       method=QwenTextModel.hidden_states)
