@@ -20,7 +20,6 @@ interleaved generation runs one row (its segment structure is sampled).
 from __future__ import annotations
 
 import functools
-import math
 
 import flax.struct
 import jax
