@@ -183,8 +183,9 @@ def sevenb(**overrides) -> PretzelConfig:
                     feature_decoder_width=1024, feature_decoder_layers=6, feature_decoder_heads=16,
                     pixel_decoder_width=1024, pixel_decoder_layers=24, pixel_decoder_heads=16,
                     dtype="bfloat16").validate()
-    cfg = PretzelConfig(vlm=QwenTextConfig(), latent=FAESpace(fae), seq_len=4096, max_images=8,
-                        dtype="bfloat16", remat="full")
+    # the frozen VLM computes in bfloat16 and is rematerialised too: the adapter's gradient flows through it
+    cfg = PretzelConfig(vlm=QwenTextConfig(dtype="bfloat16", remat="full"), latent=FAESpace(fae), seq_len=4096,
+                        max_images=8, dtype="bfloat16", remat="full")
     return dataclasses.replace(cfg, **overrides).validate()
 
 
