@@ -35,6 +35,7 @@ from starflow2_jax.pretzel.config import PretzelConfig
 from starflow2_jax.vlm.text import QwenTextModel
 
 BATCH_FIELDS = ("tokens", "positions", "slot", "image_index", "segment_ids", "image_valid")
+LOSS_FIELDS = ("text_loss", "image_target")
 
 
 @flax.struct.dataclass
@@ -233,16 +234,19 @@ class Output(NamedTuple):
     y_deep: jax.Array
 
 
-def check_batch(config: PretzelConfig, batch: dict, latents=None) -> None:
-    """Raises ValueError naming the first missing or mis-shaped field of a packed batch."""
-    missing = [f for f in BATCH_FIELDS if f not in batch]
-    if missing or (latents is None and "images" not in batch):
-        raise ValueError(f"the batch lacks {missing or ['images']}; expected the packed fields "
-                         f"{BATCH_FIELDS + ('images',)}")
+def check_batch(config: PretzelConfig, batch: dict, latents=None, *, loss: bool = False) -> None:
+    """Raises ValueError naming the first missing or mis-shaped field of a packed batch (with ``loss``,
+    also the loss masks ``text_loss`` and ``image_target``). Host side; call before jitted steps."""
+    fields = BATCH_FIELDS + (LOSS_FIELDS if loss else ()) + (("images",) if latents is None else ())
+    missing = [f for f in fields if f not in batch]
+    if missing:
+        raise ValueError(f"the batch lacks {missing}; expected the packed fields {fields}")
     b, length = batch["tokens"].shape
     m = batch["image_valid"].shape[-1]
     expected = dict(positions=(b, length, 3), slot=(b, length), image_index=(b, length), segment_ids=(b, length),
                     image_valid=(b, m))
+    if loss:
+        expected.update(text_loss=(b, length), image_target=(b, m))
     if latents is None:
         expected["images"] = (b, m) + tuple(config.latent.image_shape)
     else:

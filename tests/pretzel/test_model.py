@@ -152,5 +152,9 @@ def test_bad_batches():
         pmodel.forward(cfg, params, vlm_params(), dict(batch, positions=batch["positions"][..., 0]))
     with pytest.raises(ValueError, match="lacks"):
         pmodel.forward(cfg, params, vlm_params(), {k: v for k, v in batch.items() if k != "segment_ids"})
+    with pytest.raises(ValueError, match=r"lacks \['text_loss'\]"):
+        pmodel.check_batch(cfg, {k: v for k, v in batch.items() if k != "text_loss"}, loss=True)
+    with pytest.raises(ValueError, match=r"batch\['image_target'\] has shape \(1, 3\)"):
+        pmodel.check_batch(cfg, dict(batch, image_target=batch["image_target"][:, :3]), loss=True)
     with pytest.raises(ValueError, match=r"latents have shape \(1, 4, 4, 8\)"):
         pmodel.forward(cfg, params, vlm_params(), batch, latents=jnp.zeros((1, 4, 4, 8)))

@@ -2,7 +2,6 @@
 the outputs and the caches of one teacher-forced pass; that pass gives the cache-free packed
 forward's outputs (a second code path: segment ids instead of a cache)."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
