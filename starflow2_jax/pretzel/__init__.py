@@ -7,7 +7,8 @@
     out = pretzel.text_to_image(cfg, params, vlm_params, latent_vars, prompt_doc, rng=rng, guidance=3.0)
 
 Modules: ``config`` (PretzelConfig, presets), ``layout`` (documents, chat template), ``model`` (the
-coupled forward), ``losses``, ``step`` (incremental steps with explicit caches), ``generate``.
+coupled forward), ``losses``, ``step`` (incremental steps with explicit caches: ``step.step``,
+``step.deep_step``; the module, not re-exported, so ``pretzel.step`` stays the module), ``generate``.
 """
 
 from starflow2_jax.pretzel.config import PRESETS, PretzelConfig, preset, sevenb, tiny
@@ -16,11 +17,11 @@ from starflow2_jax.pretzel.layout import Image, Text, chat_items, layout_documen
 from starflow2_jax.pretzel.losses import loss, per_example
 from starflow2_jax.pretzel.model import (Caches, Output, apply_model, check_batch, create_caches, encode_images,
                                          forward, image_nll, init, init_boxed, lm_logits)
-from starflow2_jax.pretzel.step import StepOutput, deep_step, step
+from starflow2_jax.pretzel.step import StepOutput
 
 __all__ = [
     "Caches", "Image", "Output", "PRESETS", "PretzelConfig", "StepOutput", "Text", "apply_model", "chat_items",
-    "check_batch", "create_caches", "deep_step", "encode_images", "forward", "image_nll", "image_to_text", "init",
+    "check_batch", "create_caches", "encode_images", "forward", "image_nll", "image_to_text", "init",
     "init_boxed", "interleaved", "invert_shallow", "layout_document", "lm_logits", "loss", "per_example", "preset",
-    "sevenb", "step", "text_to_image", "tiny",
+    "sevenb", "text_to_image", "tiny",
 ]
