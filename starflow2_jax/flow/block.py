@@ -53,7 +53,8 @@ class FlowLayer(nn.Module):
     block: BlockConfig
 
     @nn.compact
-    def __call__(self, h, kv, angles, index, temperature):
+    def __call__(self, h, kv, angles, index, temperature, segment_ids=None, key_mask=None):
+        """segment_ids (B, Q) / key_mask (B, K): see ``nn.Attention`` (packed rows, padding, masked keys)."""
         cfg, b = self.config, self.block
         dtype = compute_dtype(cfg)
         norm_kw = dict(layernorm_eps=cfg.layernorm_eps, rmsnorm_eps=cfg.rmsnorm_eps)
@@ -62,7 +63,8 @@ class FlowLayer(nn.Module):
         y, kv = Attention(num_heads=b.num_heads, num_kv_heads=b.num_kv_heads, head_dim=b.head_dim,
                           out_features=b.width, use_bias=cfg.use_bias, qk_norm=cfg.qk_norm,
                           qk_norm_eps=cfg.rmsnorm_eps, mask="causal", dtype=dtype, name="attn")(
-            y, angles=angles, kv=kv, index=index, temperature=temperature)
+            y, angles=angles, kv=kv, index=index, temperature=temperature, segment_ids=segment_ids,
+            key_mask=key_mask)
         if cfg.post_norm:
             y = RMSNorm(epsilon=cfg.rmsnorm_eps, name="attn_post_norm")(y)
         h = h + y
@@ -79,9 +81,10 @@ class FlowLayer(nn.Module):
 
 def layer_stack(config: FlowConfig, block: BlockConfig) -> nn.Module:
     """``block.num_layers`` FlowLayers under ``nn.scan`` (params stacked on a leading 'layers' axis),
-    each wrapped in ``nn.remat`` with the config's policy. Call: ``(h, kv, angles, index, τ) → (h, kv)``."""
+    each wrapped in ``nn.remat`` with the config's policy.
+    Call: ``(h, kv, angles, index, τ, segment_ids, key_mask) → (h, kv)`` (the last two may be None)."""
     scanned = nn.scan(remat_layer(FlowLayer, config.remat), variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                       length=block.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(config, block)
 
@@ -192,7 +195,7 @@ class AFBlock(nn.Module):
                                  f"(B, {cfg.text_len}, {cfg.text_dim})")
             e = self.proj_txt(text.astype(h.dtype))
             h = jnp.concatenate([e, h], axis=1)
-        h, _ = self.layers(h, None, angles, None, None)
+        h, _ = self.layers(h, None, angles, None, None, None, None)
         o = self.head(h[:, self.prefix_len:])
         if not cfg.sos:
             o = jnp.concatenate([jnp.zeros_like(o[:, :1]), o[:, :-1]], axis=1)
@@ -210,7 +213,7 @@ class AFBlock(nn.Module):
         e = self.proj_txt(text.astype(compute_dtype(self.config)))
         angles = self.rope_table()
         angles = None if angles is None else angles[: self.prefix_len]
-        _, (k, v) = self.layers(e, (cache.k, cache.v), angles, cache.index, temperature)
+        _, (k, v) = self.layers(e, (cache.k, cache.v), angles, cache.index, temperature, None, None)
         return KVCache(k=k, v=v, index=cache.index + self.prefix_len)
 
     def step(self, inp, labels, cache: KVCache, temperature=None):
@@ -225,7 +228,7 @@ class AFBlock(nn.Module):
         angles = self.rope_table(cache.length)
         if angles is not None:
             angles = jax.lax.dynamic_slice_in_dim(jnp.asarray(angles), cache.index, q, axis=0)
-        h, (k, v) = self.layers(h, (cache.k, cache.v), angles, cache.index, temperature)
+        h, (k, v) = self.layers(h, (cache.k, cache.v), angles, cache.index, temperature, None, None)
         return self.head(h), KVCache(k=k, v=v, index=cache.index + q)
 
 

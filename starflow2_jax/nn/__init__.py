@@ -5,7 +5,7 @@ from starflow2_jax.nn.axes import dense, param_with_axes, torch_linear_init
 from starflow2_jax.nn.mlp import MLP
 from starflow2_jax.nn.norms import LayerNorm, RMSNorm, make_norm
 from starflow2_jax.nn.remat import REMAT_POLICIES, remat_layer
-from starflow2_jax.nn.rope import apply_rope, rope_frequencies, starflow_rope_angles
+from starflow2_jax.nn.rope import apply_rope, multimodal_rope_angles, rope_frequencies, starflow_rope_angles
 
 __all__ = [
     "Attention",
@@ -18,6 +18,7 @@ __all__ = [
     "attention_mask",
     "dense",
     "make_norm",
+    "multimodal_rope_angles",
     "param_with_axes",
     "remat_layer",
     "rope_frequencies",

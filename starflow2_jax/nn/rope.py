@@ -62,6 +62,23 @@ def starflow_rope_angles(
     return np.concatenate([px[:, None] * f, py[:, None] * f], axis=1).astype(np.float32)
 
 
+def multimodal_rope_angles(position_ids, mrope_section, head_dim: int, theta: float) -> jax.Array:
+    """Qwen2.5-VL's multimodal RoPE angles (B, T, head_dim/2) float32 for position ids (3, B, T).
+
+    Rotated pair j has frequency ``1 / theta^(2j / head_dim)`` (float32, as transformers computes it)
+    and reads its position from row ``i mod 3`` (temporal, height, width) of the ids, where the pairs
+    are split into consecutive chunks of ``mrope_section`` sizes and chunk i is the i-th.
+    """
+    if sum(mrope_section) != head_dim // 2:
+        raise ValueError(f"mrope_section={list(mrope_section)} sums to {sum(mrope_section)}; expected "
+                         f"head_dim / 2 = {head_dim // 2}")
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponent)).astype(np.float32)
+    rows = np.repeat(np.arange(len(mrope_section)) % 3, mrope_section)
+    picked = jnp.asarray(position_ids)[rows].astype(jnp.float32)  # (hd/2, B, T): a gather, exact everywhere
+    return jnp.moveaxis(picked, 0, -1) * inv_freq
+
+
 def apply_rope(x: jax.Array, angles: jax.Array, style: str = "interleaved") -> jax.Array:
     """Rotates ``x`` (..., Q, H, hd) by ``angles`` (Q, hd/2) or (B, Q, hd/2); float32 math, cast back."""
     angles = angles.astype(jnp.float32)

@@ -60,6 +60,11 @@ VLM_RULES: Rules = DEFAULT_RULES + (("patch", None),)
 # output patches), kept replicated, as are the PatchGAN discriminator's small convolutions.
 FAE_RULES: Rules = DEFAULT_RULES + (("patch", None), ("conv_in", None), ("conv_out", None))
 
+# STARFlow2 / Pretzel (starflow2_jax.pretzel): the frozen VLM, the FAE and the flows together, so the
+# union of their extra names. ``text_embed`` (the VLM width where a flow-side weight reads or writes
+# it: P_txt, W_vlm, W_D, the adapter's output) stays replicated like the flows' text projection.
+PRETZEL_RULES: Rules = DEFAULT_RULES + (("patch", None), ("conv_in", None), ("conv_out", None))
+
 
 def axes_size(mesh: Mesh, axes: str | Sequence[str] | None) -> int:
     """Number of devices a spec entry (axis name, tuple of names, or None) splits a dimension into."""

@@ -19,12 +19,12 @@ from starflow2_jax.vlm.model import (forward, init_text, position_ids_for, scatt
                                      text_init_boxed, token_type_ids)
 from starflow2_jax.vlm.params import text_params_from_torch
 from starflow2_jax.vlm.positions import image_slot_positions, merged_tokens, rope_index, text_positions
-from starflow2_jax.vlm.text import QwenTextModel, create_cache, mrope_angles
+from starflow2_jax.vlm.text import QwenTextModel, create_cache, mrope_angles, text_step
 
 __all__ = [
     "QwenTextConfig", "QwenTextModel", "QwenVLConfig", "QwenVisionConfig", "abstract_params", "create_cache",
     "forward", "generate", "image_slot_positions", "init_text", "inputs", "load_checkpoint", "merged_tokens",
     "mrope_angles", "param_shardings", "position_ids_for", "rope_index", "sample_logits", "save_checkpoint",
-    "scatter_features", "text_forward", "text_init_boxed", "text_params_from_torch", "text_positions",
+    "scatter_features", "text_forward", "text_init_boxed", "text_params_from_torch", "text_positions", "text_step",
     "token_type_ids", "vision_config_from_hf",
 ]

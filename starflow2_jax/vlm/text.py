@@ -3,8 +3,8 @@
 Layer (transformers' ``Qwen2_5_VLDecoderLayer``): h += o(Attn(RMSNorm(h))) with biased q/k/v,
 bias-free o, GQA, softmax(q·k / sqrt(head_dim)); h += down(silu(gate(x)) · up(x)) on RMSNorm(h).
 Multimodal RoPE: rotated pair j (of head_dim/2, 'half' pairing (j, j + hd/2)) takes its position
-from row ``section_rows[j]`` of the (3, B, T) position ids (temporal, height, width), where the
-pairs are split into consecutive chunks of ``mrope_section`` sizes and chunk i reads row i mod 3.
+from one row of the (3, B, T) position ids (temporal, height, width): the pairs are split into
+consecutive chunks of ``mrope_section`` sizes and chunk i reads row i mod 3 (``nn.multimodal_rope_angles``).
 """
 
 from __future__ import annotations
@@ -12,22 +12,10 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from starflow2_jax.nn import MLP, Attention, KVCache, RMSNorm, dense, param_with_axes, remat_layer
+from starflow2_jax.nn import (MLP, Attention, KVCache, RMSNorm, dense, multimodal_rope_angles, param_with_axes,
+                              remat_layer)
 from starflow2_jax.vlm.config import QwenTextConfig
-
-
-def inverse_frequencies(config: QwenTextConfig) -> np.ndarray:
-    """(head_dim/2,) float32 ``1 / theta^(2j / head_dim)``, computed in float32 as transformers does."""
-    hd = config.head_dim
-    exponent = np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)
-    return (np.float32(1.0) / np.power(np.float32(config.rope_theta), exponent)).astype(np.float32)
-
-
-def section_rows(mrope_section) -> np.ndarray:
-    """(sum(sections),) int: the position-id row (0 temporal, 1 height, 2 width) of each rotated pair."""
-    return np.repeat(np.arange(len(mrope_section)) % 3, mrope_section)
 
 
 def mrope_angles(config: QwenTextConfig, position_ids: jax.Array) -> jax.Array:
@@ -35,24 +23,23 @@ def mrope_angles(config: QwenTextConfig, position_ids: jax.Array) -> jax.Array:
     pos = jnp.asarray(position_ids)
     if pos.ndim == 2:
         pos = jnp.broadcast_to(pos[None], (3,) + pos.shape)
-    rows = section_rows(config.mrope_section)
-    picked = pos[rows].astype(jnp.float32)  # (hd/2, B, T): a gather, exact on every backend
-    return jnp.moveaxis(picked, 0, -1) * inverse_frequencies(config)
+    return multimodal_rope_angles(pos, config.mrope_section, config.head_dim, config.rope_theta)
 
 
 class QwenDecoderLayer(nn.Module):
-    """One pre-norm decoder layer. Call: ``(h, kv, angles, index, key_mask) → (h, kv)``."""
+    """One pre-norm decoder layer. Call: ``(h, kv, angles, index, key_mask, segment_ids) → (h, kv)``."""
 
     config: QwenTextConfig
 
     @nn.compact
-    def __call__(self, h, kv, angles, index, key_mask):
+    def __call__(self, h, kv, angles, index, key_mask, segment_ids=None):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         y = RMSNorm(epsilon=cfg.rms_norm_eps, offset=False, name="input_norm")(h)
         y, kv = Attention(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                           use_bias=True, out_bias=False, rope_style="half", mask="causal", dtype=dtype,
-                          name="attn")(y, angles=angles, kv=kv, index=index, key_mask=key_mask)
+                          name="attn")(y, angles=angles, kv=kv, index=index, key_mask=key_mask,
+                                                   segment_ids=segment_ids)
         h = h + y
         y = RMSNorm(epsilon=cfg.rms_norm_eps, offset=False, name="mlp_norm")(h)
         y = MLP(hidden=cfg.intermediate_size, kind="gated", gated_activation="silu", use_bias=False,
@@ -66,7 +53,7 @@ def layer_stack(config: QwenTextConfig) -> nn.Module:
     """``config.num_layers`` decoder layers under ``nn.scan`` (params stacked on a leading 'layers'
     axis), each wrapped in ``nn.remat`` with the config's policy."""
     scanned = nn.scan(remat_layer(QwenDecoderLayer, config.remat), variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                       length=config.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(config, name="layers")
 
@@ -98,18 +85,12 @@ class QwenTextModel(nn.Module):
             return jnp.einsum("btd,vd->btv", hidden, table, preferred_element_type=jnp.float32)
         return self.lm_head(hidden).astype(jnp.float32)
 
-    def __call__(self, input_ids=None, *, inputs_embeds=None, position_ids=None, attention_mask=None,
-                 cache: KVCache | None = None, return_hidden: bool = False):
-        """Logits (B, T, vocab) float32 for token ids (B, T) or embeddings (B, T, D) (exactly one).
+    def hidden_states(self, input_ids=None, *, inputs_embeds=None, position_ids=None, attention_mask=None,
+                      cache: KVCache | None = None, segment_ids=None):
+        """Final normed hidden states (B, T, D) without the LM head; ``(hidden, cache)`` with a cache.
 
-        position_ids: (3, B, T) multimodal positions (or (B, T) text positions); default
-        ``index + arange(T)`` on every row (``index`` = the cache's write index, else 0).
-        attention_mask: (B, K) 1 for tokens, 0 for padding keys; K = T without a cache and the
-        cache length with one (then it covers every slot, past and new).
-        cache: a ``KVCache`` stacked over layers (num_layers, B, S, Hkv, hd); the T new tokens are
-        written at ``cache.index``.
-        Returns ``logits``, ``(logits, cache)`` with a cache, and the final hidden states (B, T, D)
-        appended when ``return_hidden``.
+        Arguments as for ``__call__``; segment_ids (B, T) ints keep packed documents apart (tokens
+        attend only within their own segment; not combinable with a cache).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -123,10 +104,30 @@ class QwenTextModel(nn.Module):
         key_mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         h = nn.with_logical_constraint(h, ("act_batch", "act_seq", "act_embed"))
         kv = None if cache is None else (cache.k, cache.v)
-        h, kv = self.layers(h, kv, angles, index, key_mask)
+        h, kv = self.layers(h, kv, angles, index, key_mask, segment_ids)
         h = self.final_norm(h)
+        if cache is None:
+            return h
+        return h, KVCache(k=kv[0], v=kv[1], index=cache.index + length)
+
+    def __call__(self, input_ids=None, *, inputs_embeds=None, position_ids=None, attention_mask=None,
+                 cache: KVCache | None = None, return_hidden: bool = False):
+        """Logits (B, T, vocab) float32 for token ids (B, T) or embeddings (B, T, D) (exactly one).
+
+        position_ids: (3, B, T) multimodal positions (or (B, T) text positions); default
+        ``index + arange(T)`` on every row (``index`` = the cache's write index, else 0).
+        attention_mask: (B, K) 1 for tokens, 0 for padding keys; K = T without a cache and the
+        cache length with one (then it covers every slot, past and new).
+        cache: a ``KVCache`` stacked over layers (num_layers, B, S, Hkv, hd); the T new tokens are
+        written at ``cache.index``.
+        Returns ``logits``, ``(logits, cache)`` with a cache, and the final hidden states (B, T, D)
+        appended when ``return_hidden``.
+        """
+        out = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
+                                 attention_mask=attention_mask, cache=cache)
+        h, cache = (out, None) if cache is None else out
         logits = self.logits(h)
-        out = (logits,) if cache is None else (logits, KVCache(k=kv[0], v=kv[1], index=cache.index + length))
+        out = (logits,) if cache is None else (logits, cache)
         if return_hidden:
             out = out + (h,)
         return out[0] if len(out) == 1 else out
@@ -136,3 +137,13 @@ def create_cache(config: QwenTextConfig, batch: int, length: int, dtype=None) ->
     """An empty stacked KV cache of ``length`` slots for every layer, in the compute dtype by default."""
     return KVCache.create(batch, length, config.num_kv_heads, config.head_dim, num_layers=config.num_layers,
                           dtype=jnp.dtype(dtype or config.dtype))
+
+
+def text_step(config: QwenTextConfig, params, cache: KVCache, *, input_ids=None, inputs_embeds=None,
+              position_ids=None, attention_mask=None):
+    """Q new tokens (ids (B, Q) or embeddings (B, Q, D)) through the decoder against ``cache`` → ``(final
+    normed hidden states (B, Q, D), updated cache)``; no LM head (``QwenTextModel.logits`` adds it).
+    position_ids (3, B, Q); attention_mask (B, S) over the whole cache. Call inside ``jax.jit``."""
+    return QwenTextModel(config).apply({"params": params}, input_ids, inputs_embeds=inputs_embeds,
+                                       position_ids=position_ids, attention_mask=attention_mask, cache=cache,
+                                       method=QwenTextModel.hidden_states)

@@ -1,0 +1,435 @@
+"""Generation with shared caches (SPEC §5.2): text → image, image → text, and interleaved.
+
+One prompt document (``layout.layout_document``; its images enter as context) is prefilled into fixed
+size caches of ``length`` positions; then segments alternate, each ONE jitted function with ``lax``
+loops (the host switches once per segment):
+
+- a text segment samples tokens from LMHead(y_vlm + W_D·y_D) until a stop token, ``<|vision_start|>``
+  (interleaved mode) or its budget, feeding each token into both caches;
+- an image segment draws u_n = μ + σ·ε_n from the deep head (Gaussian guidance with a batch-doubled
+  cache whose unconditional half has its text masked out of attention), feeds u_n at slot n into both
+  streams (VLM: E[<|image_pad|>] + Adapter(u_n); flow: P_in(u_n + W_vlm·y_vlm)), optionally in Jacobi
+  blocks, then ``<|vision_end|>``; the image's latents are x = f_S⁻¹(u) (the shallow flows, through
+  ``flow.sample_tokens``), optionally one score step, decoded by the latent space.
+
+Nothing is re-encoded: the caches after generation equal those of one teacher-forced pass over the
+final sequence (tested). Rows: text → image and image → text draw ``num_samples`` rows in lockstep;
+interleaved generation runs one row (its segment structure is sampled).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from starflow2_jax import flow
+from starflow2_jax.flow.block import sigma_from_preact, split_affine
+from starflow2_jax.flow.guidance import guided_affine
+from starflow2_jax.pretzel.config import PretzelConfig
+from starflow2_jax.pretzel.losses import text_positions
+from starflow2_jax.pretzel.model import Caches, Pretzel, _variables, create_caches, lm_logits
+from starflow2_jax.pretzel.step import step
+from starflow2_jax.vlm.generate import sample_logits
+
+
+@flax.struct.dataclass
+class State:
+    """Generation state of R rows (R = 2B with guidance: [conditional; unconditional]).
+
+    caches: both streams'; key_mask (R, S): keys each row may attend (the unconditional half hides its
+    text); position (): the next text position; head (R, 2D): the deep head at the last position (it
+    parametrises the next slot); y_vlm (R, Dv), y_deep (R, width): the streams at the last position."""
+
+    caches: Caches
+    key_mask: jax.Array
+    position: jax.Array
+    head: jax.Array
+    y_vlm: jax.Array
+    y_deep: jax.Array
+
+
+def _visible(config: PretzelConfig, tokens, slot, guided: bool):
+    """(R, Q) keys the new positions offer: all for conditional rows; no text for unconditional ones."""
+    if not guided:
+        return jnp.ones(tokens.shape, bool)
+    half = tokens.shape[0] // 2
+    text = text_positions(config, tokens[half:], slot[half:], jnp.ones_like(tokens[half:]))
+    return jnp.concatenate([jnp.ones_like(text), ~text], axis=0)
+
+
+def _feed(config, params, vlm_params, state: State, tokens, u, slot, positions, guided: bool):
+    """Q new positions (R, Q …) into both caches → ``(state after them, every new position's deep head
+    (R, Q, 2D))``."""
+    index = state.caches.index
+    key_mask = jax.lax.dynamic_update_slice(state.key_mask, _visible(config, tokens, slot, guided), (0, index))
+    out = step(config, params, vlm_params, state.caches, tokens, u, slot, positions, key_mask)
+    new = State(caches=out.caches, key_mask=key_mask, position=state.position, head=out.head[:, -1],
+                y_vlm=out.y_vlm[:, -1], y_deep=out.y_deep[:, -1])
+    return new, out.head
+
+
+@functools.partial(jax.jit, static_argnames=("config", "rows", "length", "guided"))
+def _prefill(config, params, vlm_params, latent_vars, tokens, slot, image_index, positions, images, *, rows: int,
+             length: int, guided: bool):
+    model = Pretzel(config)
+    n, d = config.num_slots, config.latent_dim
+    t = tokens.shape[0]
+    u_tok = jnp.zeros((t, d), jnp.float32)
+    if images.shape[0]:
+        x = config.latent.encode(latent_vars, images).reshape(images.shape[0], n, d).astype(jnp.float32)
+        u, _ = model.apply(_variables(params, vlm_params), x, method=Pretzel.shallow_forward)
+        rank = (jnp.cumsum(slot.astype(jnp.int32)) - 1) % n
+        u_tok = jnp.where(slot[:, None], u[jnp.maximum(image_index, 0), rank], 0.0)
+    tile = lambda a: jnp.broadcast_to(a[None], (rows,) + a.shape)  # noqa: E731
+    empty = State(caches=create_caches(config, rows, length), key_mask=jnp.zeros((rows, length), bool),
+                  position=jnp.zeros((), jnp.int32), head=jnp.zeros((rows, 2 * d), jnp.float32),
+                  y_vlm=jnp.zeros((rows, config.vlm.hidden_size)), y_deep=jnp.zeros((rows, config.flow_width)))
+    state, _ = _feed(config, params, vlm_params, empty, tile(tokens), tile(u_tok), tile(slot), tile(positions),
+                     guided)
+    return state.replace(position=jnp.max(positions) + 1)
+
+
+def _rows(a, guided: bool):
+    return jnp.concatenate([a, a], axis=0) if guided else a
+
+
+@functools.partial(jax.jit, static_argnames=("config", "guided", "block", "max_iters"))
+def _image_segment(config, params, vlm_params, state: State, eps, guidance, threshold, *, guided: bool, block: int,
+                   max_iters: int):
+    """N slots after a written ``<|vision_start|>``, then ``<|vision_end|>``. eps (B, N, D) the noise.
+    Returns ``(state, u (B, N, D), transformer passes used)``."""
+    deep_cfg = config.deep_config()
+    b, n, d = eps.shape
+    gh, gw = config.grid
+    v = config.vlm
+    start = state.position
+    r, c = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+    offsets = jnp.asarray(np.stack([np.zeros(n, int), r.ravel(), c.ravel()], axis=1), jnp.int32)  # (N, 3)
+    rows = 2 * b if guided else b
+
+    def solve_chunk(k, carry):
+        state, u_all, passes = carry
+        first = k * block
+        eps_chunk = jax.lax.dynamic_slice_in_dim(eps, first, block, axis=1)
+        pos = jnp.broadcast_to(start + jax.lax.dynamic_slice_in_dim(offsets, first, block, axis=0), (rows, block, 3))
+        tokens = jnp.full((rows, block), v.image_token_id, jnp.int32)
+        slot = jnp.ones((rows, block), bool)
+
+        def draw(heads, noise):  # u = μ + σ·ε from head outputs (R, Q, 2D), guided on [cond; uncond] rows
+            a, shift = split_affine(deep_cfg, heads)
+            if guided:
+                mu, sigma = guided_affine(deep_cfg, a, shift, guidance)
+                mu, sigma = mu[:b], sigma[:b]
+            else:
+                mu, (sigma, _) = shift, sigma_from_preact(deep_cfg, a)
+            return mu + sigma * noise
+
+        def body(carry):  # one pass over the block from the chunk's start state (= a rewound cache)
+            _, guess, i, _ = carry
+            new_state, heads_all = _feed(config, params, vlm_params, state, tokens, _rows(guess, guided), slot, pos,
+                                         guided)
+            new = draw(jnp.concatenate([state.head[:, None], heads_all[:, :-1]], axis=1), eps_chunk)
+            change = jnp.sum(jnp.square(new - guess))
+            size = jnp.sum(jnp.square(new))
+            done = (change / jnp.maximum(size, jnp.finfo(jnp.float32).tiny) < threshold) | (i + 1 >= max_iters)
+            return new_state, new, i + 1, done
+
+        # the block's first slot depends only on the cached context: exact before the first pass, so a
+        # block of 1 (sequential sampling) needs one pass, and the cache holds the keys of exact values
+        # once a pass changes nothing (threshold 0); otherwise those of the last pass's inputs (ml-starflow)
+        first_value = draw(state.head[:, None], eps_chunk[:, :1])
+        init = (state, jnp.concatenate([first_value, eps_chunk[:, 1:]], axis=1), jnp.zeros((), jnp.int32),
+                jnp.zeros((), bool))
+        new_state, new, used, _ = jax.lax.while_loop(lambda s: ~s[3], body, init)
+        u_all = jax.lax.dynamic_update_slice_in_dim(u_all, new, first, axis=1)
+        return new_state, u_all, passes + used
+
+    state = state.replace(position=start)
+    state, u, passes = jax.lax.fori_loop(0, n // block, solve_chunk,
+                                         (state, jnp.zeros_like(eps), jnp.zeros((), jnp.int32)))
+    end = start + max(gh, gw)
+    tokens = jnp.full((rows, 1), v.vision_end_token_id, jnp.int32)
+    state, _ = _feed(config, params, vlm_params, state, tokens, jnp.zeros((rows, 1, d)), jnp.zeros((rows, 1), bool),
+                     jnp.full((rows, 1, 3), end, jnp.int32), guided)
+    return state.replace(position=end + 1), u, passes
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_tokens", "greedy", "allow_images", "guided"))
+def _text_segment(config, params, vlm_params, state: State, rng, temperature, top_p, stop_tokens, pad_id, budget,
+                  logit_bias, *,
+                  max_tokens: int, greedy: bool, allow_images: bool, guided: bool):
+    """Samples up to ``budget`` (≤ max_tokens) tokens per row, feeding each into both caches; stops a row
+    at a stop token (or ``<|vision_start|>`` when ``allow_images``). Returns ``(state, ids (B, max_tokens),
+    tokens sampled)``; finished rows receive ``pad_id``. logit_bias (vocab,) is added to the logits."""
+    v = config.vlm
+    rows = state.head.shape[0]
+    b = rows // 2 if guided else rows
+    banned = [v.image_token_id, v.vision_end_token_id] + ([] if allow_images else [v.vision_start_token_id])
+
+    def body(carry):
+        k, state, finished, ids = carry
+        logits = lm_logits(config, params, vlm_params, state.y_vlm[:b, None], state.y_deep[:b, None])[:, 0]
+        logits = (logits + logit_bias).at[:, jnp.asarray(banned)].set(-jnp.inf)
+        token = sample_logits(logits, jax.random.fold_in(rng, k), temperature, top_p, greedy)
+        token = jnp.where(finished, pad_id, token)
+        ids = ids.at[:, k].set(token)
+        finished = finished | jnp.isin(token, stop_tokens)
+        if allow_images:
+            finished = finished | (token == v.vision_start_token_id)
+        tokens = _rows(token[:, None], guided)
+        pos = jnp.broadcast_to(state.position, (rows, 1, 3))
+        state, _ = _feed(config, params, vlm_params, state, tokens, jnp.zeros((rows, 1, config.latent_dim)),
+                         jnp.zeros((rows, 1), bool), pos, guided)
+        return k + 1, state.replace(position=state.position + 1), finished, ids
+
+    carry = (jnp.zeros((), jnp.int32), state, jnp.zeros((b,), bool), jnp.full((b, max_tokens), pad_id, jnp.int32))
+    k, state, _, ids = jax.lax.while_loop(lambda c: (c[0] < budget) & ~jnp.all(c[2]), body, carry)
+    return state, ids, k
+
+
+# ---- host side ------------------------------------------------------------------------------------
+def _shallow_variables(config: PretzelConfig, params) -> dict:
+    return {"params": {f"blocks_{k}": params[f"shallow_{k}"] for k in range(config.shallow_blocks)},
+            "prior": {"var": jnp.ones((config.num_slots, config.latent_dim), jnp.float32)}}
+
+
+def invert_shallow(config: PretzelConfig, params, u) -> jax.Array:
+    """x = f_S⁻¹(u): (B, N, D) shallow-flow outputs → latents (B, N, D) (unconditional, no guidance)."""
+    x, _ = flow.sample_tokens(config.shallow_config(), _shallow_variables(config, params), jnp.asarray(u))
+    return x
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score_step(config, params, vlm_params, batch, latents, sigma):
+    from starflow2_jax.pretzel.model import apply_model, image_nll
+
+    def nll(x):
+        return jnp.sum(image_nll(config, apply_model(config, params, vlm_params, batch, x)))
+
+    return latents - jnp.square(sigma) * jax.grad(nll)(latents)
+
+
+def _record(doc: dict) -> dict:
+    """A layout dict → the growing transcript (lists of tokens, positions, slot, u per position)."""
+    t = len(doc["tokens"])
+    return dict(tokens=list(doc["tokens"].tolist()), positions=[tuple(p) for p in doc["positions"].tolist()],
+                slot=list(doc["slot"].tolist()), u=[None] * t)
+
+
+def _check_prompt(config: PretzelConfig, prompt: dict, extra: int, length: int) -> None:
+    needed = len(prompt["tokens"]) + extra
+    if needed > length:
+        raise ValueError(f"the prompt of {len(prompt['tokens'])} tokens plus {extra} generated positions does not "
+                         f"fit the caches of length {length}")
+    if len(prompt["images"]) and config.max_images == 0:
+        raise ValueError("the prompt holds images but the config expects none (max_images=0)")
+
+
+def _jacobi(jacobi, n: int):
+    if jacobi is None:
+        return 1, 1, 0.0
+    block, threshold, max_iters = (jacobi.block_size, jacobi.threshold, jacobi.max_iters) if hasattr(
+        jacobi, "block_size") else (jacobi["block_size"], jacobi.get("threshold", 1e-3), jacobi.get("max_iters", 32))
+    if block < 1 or n % block or max_iters < 1 or threshold < 0:
+        raise ValueError(f"jacobi block_size={block} must divide the {n} slots, max_iters={max_iters} >= 1, "
+                         f"threshold={threshold} >= 0")
+    return int(block), int(max_iters), float(threshold)
+
+
+def _prefill_prompt(config, params, vlm_params, latent_vars, prompt, rows, length, guided):
+    return _prefill(config, params, vlm_params, latent_vars, jnp.asarray(prompt["tokens"]),
+                    jnp.asarray(prompt["slot"]), jnp.asarray(prompt["image_index"]),
+                    jnp.asarray(prompt["positions"]), jnp.asarray(prompt["images"]), rows=rows, length=length,
+                    guided=guided)
+
+
+def _append_vision_start(config: PretzelConfig, prompt: dict) -> dict:
+    p = dict(prompt)
+    nxt = int(prompt["positions"].max()) + 1 if len(prompt["tokens"]) else 0
+    p["tokens"] = np.append(prompt["tokens"], config.vlm.vision_start_token_id).astype(np.int32)
+    p["positions"] = np.concatenate([prompt["positions"], np.full((1, 3), nxt, np.int32)]).astype(np.int32)
+    p["slot"] = np.append(prompt["slot"], False)
+    p["image_index"] = np.append(prompt["image_index"], -1).astype(np.int32)
+    return p
+
+
+def text_to_image(config: PretzelConfig, params, vlm_params, latent_vars, prompt: dict, *, rng, num_samples: int = 1,
+                  guidance: float = 0.0, jacobi=None, denoise: bool = False, decode: bool = True,
+                  length: int | None = None) -> dict:
+    """Images for one prompt document (``layout.layout_document``; ``<|vision_start|>`` is appended).
+
+    guidance: STARFlow's Gaussian guidance weight on the deep stream (0: off; else a doubled batch whose
+    unconditional half has the prompt's text masked out). jacobi: None (sequential) or
+    ``flow.JacobiOptions`` / dict(block_size dividing N, threshold, max_iters). denoise: one score step
+    with σ = ``config.latent_noise``. Returns ``dict(u (B, N, D), latents (B, N, D), images (B, H, W, C)
+    or None, passes (deep-stream passes), state (the final ``State``), sequence (the final document))``.
+    """
+    n = config.num_slots
+    prompt = _append_vision_start(config, prompt)
+    length = length or len(prompt["tokens"]) + n + 1
+    _check_prompt(config, prompt, n + 1, length)
+    block, max_iters, threshold = _jacobi(jacobi, n)
+    guided = guidance != 0
+    rows = 2 * num_samples if guided else num_samples
+    state = _prefill_prompt(config, params, vlm_params, latent_vars, prompt, rows, length, guided)
+    eps = jax.random.normal(rng, (num_samples, n, config.latent_dim), jnp.float32)
+    state, u, passes = _image_segment(config, params, vlm_params, state, eps, jnp.float32(guidance),
+                                      jnp.float32(threshold), guided=guided, block=block, max_iters=max_iters)
+    x = invert_shallow(config, params, u)
+    sequence = _record(prompt)
+    _append_image(config, sequence, np.asarray(u[0]), int(prompt["positions"].max()) + 1)
+    if denoise:
+        x = _denoise(config, params, vlm_params, latent_vars, prompt, x)
+    images = config.latent.decode(latent_vars, x) if decode else None
+    return dict(u=u, latents=x, images=images, passes=int(passes), state=state, sequence=_finish(sequence))
+
+
+def _append_image(config: PretzelConfig, sequence: dict, u, start: int) -> int:
+    """Appends N slots (u (N, D)) at 3D positions from ``start`` and ``<|vision_end|>``; returns the next
+    text position."""
+    gh, gw = config.grid
+    for i in range(config.num_slots):
+        sequence["tokens"].append(config.vlm.image_token_id)
+        sequence["positions"].append((start, start + i // gw, start + i % gw))
+        sequence["slot"].append(True)
+        sequence["u"].append(np.asarray(u[i]))
+    end = start + max(gh, gw)
+    sequence["tokens"].append(config.vlm.vision_end_token_id)
+    sequence["positions"].append((end, end, end))
+    sequence["slot"].append(False)
+    sequence["u"].append(None)
+    return end + 1
+
+
+def _finish(sequence: dict) -> dict:
+    """The transcript as arrays: tokens (T,), positions (T, 3), slot (T,), u (T, D) (zeros off slots;
+    prompt images' slots too — their u comes from the prompt's images)."""
+    d = next((x.shape[-1] for x in sequence["u"] if x is not None), 0)
+    u = np.stack([np.zeros(d, np.float32) if x is None else np.asarray(x, np.float32) for x in sequence["u"]]) \
+        if d else np.zeros((len(sequence["tokens"]), 0), np.float32)
+    return dict(tokens=np.asarray(sequence["tokens"], np.int32), positions=np.asarray(sequence["positions"], np.int32),
+                slot=np.asarray(sequence["slot"], bool), u=u)
+
+
+def _denoise(config, params, vlm_params, latent_vars, prompt, x):
+    """One score step x + σ²·∇ₓ log p(x | prompt) on the generated latents x (B, N, D) (Tweedie)."""
+    from starflow2_jax.pretzel.model import encode_images
+    if config.latent_noise <= 0:
+        raise ValueError("denoise=True needs config.latent_noise > 0 (the σ of the training noise)")
+    n, b = config.num_slots, x.shape[0]
+    seq = _record(prompt)
+    _append_image(config, seq, np.zeros((n, config.latent_dim)), int(prompt["positions"].max()) + 1)
+    seq = _finish(seq)
+    m = len(prompt["images"]) + 1
+    index = np.full(len(seq["tokens"]), -1, np.int32)
+    index[: len(prompt["image_index"])] = prompt["image_index"]
+    index[len(prompt["tokens"]):len(prompt["tokens"]) + n] = m - 1
+    batch = dict(tokens=seq["tokens"], positions=seq["positions"], slot=seq["slot"], image_index=index,
+                 segment_ids=np.ones(len(seq["tokens"]), np.int32), image_valid=np.ones(m, bool))
+    batch = {k: jnp.broadcast_to(jnp.asarray(v), (b,) + v.shape) for k, v in batch.items()}
+    latents = x[:, None]
+    if len(prompt["images"]):
+        context = encode_images(config, latent_vars, jnp.asarray(prompt["images"])[None])
+        latents = jnp.concatenate([jnp.broadcast_to(context, (b,) + context.shape[1:]), latents], axis=1)
+    return _score_step(config, params, vlm_params, batch, latents, jnp.float32(config.latent_noise))[:, -1]
+
+
+def _bias(config: PretzelConfig, logit_bias) -> jax.Array:
+    if logit_bias is None:
+        return jnp.zeros((config.vlm.vocab_size,), jnp.float32)
+    bias = jnp.asarray(logit_bias, jnp.float32)
+    if bias.shape != (config.vlm.vocab_size,):
+        raise ValueError(f"logit_bias has shape {bias.shape}: expected ({config.vlm.vocab_size},)")
+    return bias
+
+
+def _stops(config: PretzelConfig, stop_tokens):
+    stops = tuple(config.vlm.eos_token_ids) if stop_tokens is None else tuple(int(t) for t in stop_tokens)
+    pad = config.vlm.pad_token_id if config.vlm.pad_token_id is not None else (stops[0] if stops else 0)
+    return jnp.asarray(stops or (-1,), jnp.int32), jnp.int32(pad)
+
+
+def image_to_text(config: PretzelConfig, params, vlm_params, latent_vars, prompt: dict, *, rng=None,
+                  num_samples: int = 1, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                  stop_tokens=None, length: int | None = None, logit_bias=None) -> dict:
+    """Text after one prompt document (its images enter as context: latent space → f_S → u into both
+    streams, no vision tower). temperature 0 is greedy. Returns ``dict(ids (B, max_new_tokens) int32
+    (padded after the stop token), lengths (B,), state)``."""
+    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} (>= 1), temperature={temperature} (>= 0), "
+                         f"top_p={top_p} (in (0, 1])")
+    length = length or len(prompt["tokens"]) + max_new_tokens
+    _check_prompt(config, prompt, max_new_tokens, length)
+    state = _prefill_prompt(config, params, vlm_params, latent_vars, prompt, num_samples, length, False)
+    stops, pad = _stops(config, stop_tokens)
+    state, ids, _ = _text_segment(config, params, vlm_params, state, jax.random.key(0) if rng is None else rng,
+                                  jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), stops, pad,
+                                  jnp.int32(max_new_tokens), _bias(config, logit_bias), max_tokens=max_new_tokens,
+                                  greedy=temperature == 0,
+                                  allow_images=False, guided=False)
+    ids = np.asarray(ids)
+    stopped = np.isin(ids, np.asarray(stops))
+    lengths = np.where(stopped.any(axis=1), stopped.argmax(axis=1) + 1, max_new_tokens)
+    return dict(ids=ids, lengths=lengths, state=state)
+
+
+def interleaved(config: PretzelConfig, params, vlm_params, latent_vars, prompt: dict, *, rng, length: int,
+                max_new_tokens: int = 64, max_images: int = 4, guidance: float = 0.0, jacobi=None,
+                temperature: float = 0.0, top_p: float = 1.0, stop_tokens=None, decode: bool = True,
+                segment_tokens: int = 32, logit_bias=None) -> dict:
+    """One row of interleaved text and images after a prompt document.
+
+    Text segments sample up to ``segment_tokens`` tokens (compiled once) until a stop token or
+    ``<|vision_start|>``; then an image segment runs N guided image steps (``guidance``, ``jacobi`` as
+    for ``text_to_image``) and ``<|vision_end|>``; then text again, until a stop token, ``max_new_tokens``
+    text tokens, ``max_images`` images or the caches' ``length``. logit_bias: (vocab,) added to every text
+    logit (e.g. to make images more or less likely). Returns ``dict(sequence (the final
+    document: tokens, positions, slot, u), latents [(N, D) per image], images [(H, W, C)] or None,
+    state)``."""
+    n = config.num_slots
+    _check_prompt(config, prompt, 1, length)
+    block, max_iters, threshold = _jacobi(jacobi, n)
+    guided = guidance != 0
+    rows = 2 if guided else 1
+    state = _prefill_prompt(config, params, vlm_params, latent_vars, prompt, rows, length, guided)
+    stops, pad = _stops(config, stop_tokens)
+    sequence = _record(prompt)
+    latents, images, written = [], [], 0
+    key = 0
+    while written < max_new_tokens:
+        room = length - int(state.caches.index) - (n + 2 if len(latents) < max_images else 0)
+        budget = min(segment_tokens, max_new_tokens - written, room)
+        if budget <= 0:
+            break
+        start = int(state.position)
+        state, ids, count = _text_segment(
+            config, params, vlm_params, state, jax.random.fold_in(rng, key), jnp.float32(max(temperature, 1e-6)),
+            jnp.float32(top_p), stops, pad, jnp.int32(budget), _bias(config, logit_bias), max_tokens=segment_tokens,
+            greedy=temperature == 0,
+            allow_images=len(latents) < max_images, guided=guided)
+        key += 1
+        new = np.asarray(ids)[0, :int(count)].tolist()
+        written += len(new)
+        for i, t in enumerate(new):
+            sequence["tokens"].append(t)
+            sequence["positions"].append((start + i,) * 3)
+            sequence["slot"].append(False)
+            sequence["u"].append(None)
+        if not new or new[-1] != config.vlm.vision_start_token_id:
+            if new and new[-1] in np.asarray(stops).tolist():
+                break
+            continue
+        eps = jax.random.normal(jax.random.fold_in(rng, 10_000 + key), (1, n, config.latent_dim), jnp.float32)
+        slot_start = int(state.position)
+        state, u, _ = _image_segment(config, params, vlm_params, state, eps, jnp.float32(guidance),
+                                     jnp.float32(threshold), guided=guided, block=block, max_iters=max_iters)
+        _append_image(config, sequence, np.asarray(u[0]), slot_start)
+        x = invert_shallow(config, params, u)
+        latents.append(np.asarray(x[0]))
+        if decode:
+            images.append(np.asarray(config.latent.decode(latent_vars, x)[0]))
+    return dict(sequence=_finish(sequence), latents=latents, images=images if decode else None, state=state)
