@@ -9,7 +9,8 @@ Sizes (``--list``), built from ``pretzel.config`` presets (there is no ``demo`` 
   slots of D = 16; flows of width 32, shallow 2 × 1, deep 2 layers);
 - ``mid``: a demo-like middle size, ``tiny`` with a VLM of width 256 × 4 layers (8 heads, 2 KV heads,
   vocab 4096), 32×32×3 images as 4×4 patches (an 8×8 grid: N = 64 slots of D = 48), flows of width 256
-  (4 heads of 64), shallow 2 × 2, deep 6 layers, rows of 1024 tokens with up to 4 images.
+  (4 heads of 64), shallow 2 × 2, deep 6 layers, rows of 512 tokens with up to 6 images (three
+  training documents of 158 tokens fill 474 of them).
 
 Parameters: the VLM from ``vlm.init_text``; the trainable parts from ``pretzel.init`` with every leaf
 perturbed by 0.02·N(0, 1) (``common.perturb``), so the zero-initialised bridges and heads do real work
@@ -98,7 +99,7 @@ def mid_size() -> pretzel.PretzelConfig:
                                video_token_id=4093, vision_start_token_id=4090, vision_end_token_id=4091,
                                eos_token_ids=(4095,))
     return pretzel.tiny(vlm=text, latent=PatchesSpace(32, 32, 3, 4), flow_width=256, flow_head_dim=64,
-                        shallow_blocks=2, shallow_layers=2, deep_layers=6, seq_len=1024, max_images=4)
+                        shallow_blocks=2, shallow_layers=2, deep_layers=6, seq_len=512, max_images=6)
 
 
 SIZES = {"tiny": tiny_size, "mid": mid_size}
