@@ -34,8 +34,8 @@ Measured (compilation excluded and reported separately, see ``bench.common``; me
   one teacher-forced pass of the VLM and the deep stream over the prefix (exact prefix lengths, each
   compiled before timing) — and generation continues from there. Both start from the same seeds; one
   untimed run of each checks that they produce the same tokens and (to 1e-3) the same latents, then
-  the two are timed alternately in the same loop. ``reencode_over_shared`` = re-encoding time /
-  shared time (above 1: the shared caches are faster). The latent space's pixel decoder and encoder
+  the two are timed alternately in the same loop (every run's time is in ``*_runs_ms``).
+  ``reencode_over_shared`` = re-encoding time / shared time (above 1: the shared caches are faster). The latent space's pixel decoder and encoder
   are left out of both (a peer would also re-run its image encoder on the decoded pixels), so the
   ratio is a lower bound on a peer's cost.
 - train (stage 3): the ``starflow2`` training family is not in this tree yet, so the step is built
@@ -296,7 +296,9 @@ def bench_interleaved(config, params, vlm_params, *, image_counts: Sequence[int]
                                 generated_positions=positions - PROMPT_TOKENS,
                                 shared_positions_per_s=(positions - PROMPT_TOKENS) / shared,
                                 reencode_positions_per_s=(positions - PROMPT_TOKENS) / reenc,
-                                max_latent_diff=diff, warmup_s=warm_s)
+                                max_latent_diff=diff, warmup_s=warm_s,
+                                shared_runs_ms=[t * 1e3 for t in runs["shared"]],
+                                reencode_runs_ms=[t * 1e3 for t in runs["reencode"]])
         common.log(f"interleaved {images} image(s): shared {shared * 1e3:.1f} ms, re-encoding {reenc * 1e3:.1f} ms, "
                    f"ratio {reenc / shared:.2f} (latents agree to {diff:.2g})")
     return dict(per_images=out, text_tokens=text_tokens, guidance=guidance, prompt_tokens=PROMPT_TOKENS,
@@ -388,6 +390,8 @@ def bench_train(config, params, vlm_params, *, batch: int, steps: int, repeats: 
 def _rounded(value):
     if isinstance(value, dict):
         return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
     return common.round_sig(value) if isinstance(value, float) else value
 
 
