@@ -35,9 +35,9 @@ Measured (compilation excluded and reported separately, see ``bench.common``; me
   compiled before timing) — and generation continues from there. Both start from the same seeds; one
   untimed run of each checks that they produce the same tokens and (to 1e-3) the same latents, then
   the two are timed alternately in the same loop (every run's time is in ``*_runs_ms``).
-  ``reencode_over_shared`` = re-encoding time / shared time (above 1: the shared caches are faster). The latent space's pixel decoder and encoder
-  are left out of both (a peer would also re-run its image encoder on the decoded pixels), so the
-  ratio is a lower bound on a peer's cost.
+  ``reencode_over_shared`` = re-encoding time / shared time (above 1: the shared caches are faster).
+  The latent space's pixel decoder and encoder are left out of both (a peer would also re-run its
+  image encoder on the decoded pixels), so the ratio is a lower bound on a peer's cost.
 - train (stage 3): the ``starflow2`` training family is not in this tree yet, so the step is built
   here: ``pretzel.loss`` (L_NF + λ·L_NTP with caption dropout) + its gradient in the trainable params
   + ``optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=1e-4)``, params and optimiser state donated, on
