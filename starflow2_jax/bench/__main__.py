@@ -3,7 +3,7 @@
 import importlib
 import sys
 
-BENCHMARKS = ("flow", "train", "vlm", "fae")
+BENCHMARKS = ("flow", "train", "vlm", "fae", "pretzel")
 
 
 def main(argv=None) -> int:
