@@ -121,15 +121,14 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     return config
 
 
-def _check_resume(config, workdir: str, records: dict) -> None:
-    """At a resume, the frozen parts just loaded must be the ones the latest checkpoint recorded."""
-    root = os.path.join(workdir, ckpt_lib.CHECKPOINT_SUBDIR)
-    steps = ckpt_lib.complete_steps(root)
-    if not steps:
+def _check_resume(config, workdir: str, records: dict, step: int | None) -> None:
+    """At a resume from ``step``, the frozen parts just loaded must be the ones that step recorded."""
+    if step is None:
         return
-    stored = ckpt_lib.read_config_json(os.path.join(root, str(steps[-1]))).get("frozen", {})
+    root = os.path.join(workdir, ckpt_lib.CHECKPOINT_SUBDIR)
+    stored = ckpt_lib.read_config_json(os.path.join(root, str(step))).get("frozen", {})
     frozen_lib.check_unchanged(stored, records, allow=bool(config.train.allow_frozen_change),
-                               where=f"step {steps[-1]} of {workdir}")
+                               where=f"step {step} of {workdir}")
 
 
 def _static_checks(config, mesh) -> None:
@@ -156,12 +155,10 @@ def _make_mesh(config):
                          f"{jax.device_count()} devices here ({error})") from error
 
 
-def _stored_identity(workdir: str) -> dict | None:
-    """The run's stored config: the latest complete checkpoint's, else ``config.json``, else None."""
-    root = os.path.join(workdir, ckpt_lib.CHECKPOINT_SUBDIR)
-    steps = ckpt_lib.complete_steps(root)
-    if steps:
-        return ckpt_lib.read_config_json(os.path.join(root, str(steps[-1])))
+def _stored_identity(workdir: str, step: int | None) -> dict | None:
+    """The run's stored config: checkpoint ``step``'s, else ``config.json``, else None."""
+    if step is not None:
+        return ckpt_lib.read_config_json(os.path.join(workdir, ckpt_lib.CHECKPOINT_SUBDIR, str(step)))
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
         import json
@@ -172,28 +169,27 @@ def _stored_identity(workdir: str) -> dict | None:
 
 
 def _resume_checks(config, workdir: str, *, verify: bool, resume_intact: bool) -> tuple[int | None, list[int]]:
-    """``(step to restore or None, damaged newer steps to set aside)``, writing nothing: the requested
-    config against the stored one (``identity.compare``; allowed changes logged), then the latest
-    complete checkpoint against its manifest (``verify``), falling back to the newest intact step only
-    with ``resume_intact``."""
-    stored = _stored_identity(workdir)
+    """``(step to restore or None, damaged newer steps to set aside)``, writing nothing: the latest
+    complete checkpoint against its manifest (``verify``; the newest intact step instead only with
+    ``resume_intact``), then the requested config against the stored one of that step
+    (``identity.compare``; the allowed changes are logged)."""
+    root = os.path.join(workdir, ckpt_lib.CHECKPOINT_SUBDIR)
+    steps = ckpt_lib.complete_steps(root)
+    restore_step, damaged = (steps[-1] if steps else None), []
+    if steps and verify and not resume_intact:
+        manifest_lib.verify_step(root, steps[-1], steps, hint="resume from it with --resume-intact, or "
+                                 "train(..., resume_intact=True)")
+    elif steps and verify:
+        restore_step = manifest_lib.newest_intact(root, steps)
+        damaged = [s for s in steps if restore_step is None or s > restore_step]
+        if damaged:
+            logging.warning("resume_intact: checkpoint step(s) %s are damaged; resuming from %s", damaged,
+                            f"step {restore_step}" if restore_step is not None else "scratch (no intact step)")
+    stored = _stored_identity(workdir, restore_step)
     if stored is not None:
         for line in identity.compare(stored, to_json_dict(config), defaults=to_json_dict(base_config())):
             logging.info("config change at resume (allowed): %s", line)
-    root = os.path.join(workdir, ckpt_lib.CHECKPOINT_SUBDIR)
-    steps = ckpt_lib.complete_steps(root)
-    if not steps or not verify:
-        return (steps[-1] if steps else None), []
-    if not resume_intact:
-        manifest_lib.verify_step(root, steps[-1], steps, hint="resume from it with --resume-intact, or "
-                                 "train(..., resume_intact=True)")
-        return steps[-1], []
-    intact = manifest_lib.newest_intact(root, steps)
-    damaged = [s for s in steps if intact is None or s > intact]
-    if damaged:
-        logging.warning("resume_intact: checkpoint step(s) %s are damaged; resuming from %s", damaged,
-                        f"step {intact}" if intact is not None else "scratch (no intact step)")
-    return intact, damaged
+    return restore_step, damaged
 
 
 def _prepare_workdir(workdir: str, restore_step: int | None, damaged: list[int]) -> None:
@@ -331,9 +327,9 @@ def _train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, tas
     # frozen parts: loaded (and checked) at every start, before anything is written to the workdir
     frozen, records = frozen_lib.load_parts(family.frozen_parts(config), shardings.abstract_extra,
                                             seed=int(config.seed), init_from=str(tc.init_from))
-    _check_resume(config, workdir, records)
     config.frozen = ml_collections.ConfigDict(records)
     restore_step, damaged = _resume_checks(config, workdir, verify=verify, resume_intact=resume_intact)
+    _check_resume(config, workdir, records, restore_step)
     os.makedirs(workdir, exist_ok=True)
     _prepare_workdir(workdir, restore_step, damaged)
     if tc.frozen_copy:
