@@ -179,7 +179,10 @@ class Checkpointer:
         for step in complete_steps(self.directory):
             step_dir = self.directory / str(step)
             if not manifest.has_manifest(step_dir):
-                manifest.write(step_dir)
+                try:
+                    manifest.write(step_dir)
+                except FileNotFoundError:  # removed meanwhile by the retention policy
+                    logging.info("checkpoint step %d was removed while its manifest was written", step)
 
     def close(self) -> None:
         self.wait()

@@ -166,8 +166,8 @@ def test_train_refuses_a_locked_workdir(tmp_path, capsys):
         before = _snapshot(str(workdir))
         assert main(["train", "--config", SMOKE, "--workdir", str(workdir)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert re.search(rf"error: --workdir '{workdir}' is in use by another training job \(host .*, PID {holder.pid}, "
-                         r"started 20\d\d-", err[-1]), err
+        assert re.search(rf"error: --workdir '{workdir}' is in use by another training job "
+                         rf"\(host .*, PID {holder.pid}, started 20\d\d-", err[-1]), err
         assert _snapshot(str(workdir)) == before
     finally:
         holder.kill()
@@ -313,3 +313,18 @@ def test_caption_and_unconditional_sampling(tmp_path):
     assert grid.shape == (2 * 9 + 1, 8 * 9 + 1, 1) and np.all(grid[10:, 1 + 2 * 9:] == 255)  # empty cells white
     with pytest.raises(ValueError, match="unconditional"):
         generate(uncond, guidance=1.0)
+
+
+def test_train_exits_1_when_the_run_ends_without_a_final_checkpoint(tmp_path, capsys, monkeypatch):
+    """The trainer's ``no_checkpoint`` reason (tested in tests/train) becomes exit status 1 and one line."""
+    from starflow2_jax.train import loop
+
+    def fake_train(config, workdir, **kwargs):
+        return loop.TrainResult(state=None, extra_vars=None, step=4, metrics={"loss": float("nan")},
+                                interrupted=False, no_checkpoint="the latest step (4) was non-finite (1 in a row)")
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    assert main(["train", "--config", SMOKE, "--workdir", str(tmp_path / "run")]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == ("starflow2 train: error: done at step 4. No final checkpoint: the latest step (4) was "
+                    "non-finite (1 in a row)")
