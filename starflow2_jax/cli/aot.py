@@ -159,7 +159,7 @@ def _remat(config) -> str:
 def load_config(spec: str, extra: list[str]):
     """The validated config of ``spec`` with the ``--config.*`` overrides; unlike ``starflow2 train``
     its data and init paths are not checked (nothing is read: they may name another machine's disks)."""
-    from starflow2_jax.cli.config_loader import ConfigError, load_config as load, split_override_args
+    from starflow2_jax.config_files import ConfigError, load_config as load, split_override_args
     from starflow2_jax.train.config_schema import validate
 
     overrides, rest = split_override_args(extra)

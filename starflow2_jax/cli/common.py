@@ -42,8 +42,10 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def fail(command: str, message: object, status: int = 2) -> int:
-    """Prints ``starflow2 COMMAND: error: MESSAGE`` to stderr and returns ``status``."""
-    print(f"starflow2 {command}: error: {message}", file=sys.stderr, flush=True)
+    """Prints ``starflow2 COMMAND: error: MESSAGE`` to stderr, on one line (a multi-line message's
+    lines are joined with spaces), and returns ``status`` (2: bad input; nothing was written)."""
+    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    print(f"starflow2 {command}: error: {text}", file=sys.stderr, flush=True)
     return status
 
 

@@ -6,15 +6,18 @@
 ``from-hf`` reads a Hugging Face Qwen2.5-VL directory (``convert.load_hf_qwen2_5_vl``) and writes an
 Orbax checkpoint of the params with the config beside them (``vlm.save_checkpoint``; read back with
 ``vlm.load_checkpoint``). The output appears only when complete (Orbax's finalising rename); an
-existing non-empty ``--out`` is refused. Prints a JSON summary on stdout.
+existing non-empty ``--out`` is refused. Prints a JSON summary on stdout. A bad argument or input (a
+missing directory, another architecture, a damaged safetensors file) is one line on stderr naming
+it, exit status 2, nothing written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from starflow2_jax.cli.common import fail
 
 NAME = "convert"
 HELP = "convert checkpoints (from-hf: Hugging Face Qwen2.5-VL directory -> Orbax checkpoint)"
@@ -48,14 +51,22 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def _from_hf(args: argparse.Namespace) -> int:
+    where = "convert from-hf"
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        print(f"starflow2 convert from-hf: --out {out} exists and is not an empty directory", file=sys.stderr)
-        return 2
+        return fail(where, f"--out {str(out)!r} exists and is not an empty directory; expected a new or empty one")
+    model_dir = Path(args.model_dir)
+    if not model_dir.is_dir():
+        return fail(where, f"--model-dir {args.model_dir!r}: no such directory (expected a Hugging Face "
+                           f"Qwen2.5-VL directory with config.json and *.safetensors)")
     from starflow2_jax import convert, parallel, vlm
 
-    mesh = parallel.make_mesh(parse_mesh(args.mesh)) if args.mesh else None
-    config, params = convert.load_hf_qwen2_5_vl(args.model_dir, args.dtype, mesh=mesh)
+    try:
+        mesh = parallel.make_mesh(parse_mesh(args.mesh)) if args.mesh else None
+        config, params = convert.load_hf_qwen2_5_vl(args.model_dir, args.dtype, mesh=mesh)
+    except (ValueError, KeyError, FileNotFoundError) as error:
+        text = error.args[0] if isinstance(error, KeyError) and error.args else error
+        return fail(where, f"--model-dir {args.model_dir!r}: {text}")
     path = vlm.save_checkpoint(out, config, params)
     import jax
     leaves = jax.tree_util.tree_leaves(params)

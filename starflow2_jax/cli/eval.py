@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="use the EMA parameters when the run kept them (default: yes)")
     bpd.add_argument("--allow-frozen-change", action="store_true",
                      help="evaluate although a frozen part differs from the one the run recorded")
+    bpd.add_argument("--no-verify", dest="verify", action="store_false",
+                     help="skip checking the checkpoint against its checksum manifest (huge checkpoints)")
     bpd.add_argument("--verbose", action="store_true", help="keep the INFO logs of Orbax, grain and TFDS")
     add_distributed_arguments(bpd)
 
@@ -53,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fae.add_argument("--num-grid", type=int, default=8, metavar="N", help="images in --grid (default 8)")
     fae.add_argument("--allow-frozen-change", action="store_true",
                      help="evaluate although the frozen DINOv2 differs from the one the run recorded")
+    fae.add_argument("--no-verify", dest="verify", action="store_false",
+                     help="skip checking the checkpoint against its checksum manifest (huge checkpoints)")
     fae.add_argument("--verbose", action="store_true", help="keep the INFO logs of Orbax, grain and TFDS")
     add_distributed_arguments(fae)
 
@@ -61,14 +65,20 @@ def run(args: argparse.Namespace) -> int:
     from starflow2_jax.cli.common import setup_logging
 
     setup_logging(args.verbose)
+    import contextlib
+
     from starflow2_jax.parallel import DistributedError
+    from starflow2_jax.train.restore import skip_verification
 
     try:
         start_runtime(args)
     except DistributedError as error:
         return fail(f"{NAME} {args.evaluation}", error)
-    if args.evaluation == "fae":
-        return _run_fae(args)
+    with skip_verification() if not args.verify else contextlib.nullcontext():
+        return _run_fae(args) if args.evaluation == "fae" else _run_bpd(args)
+
+
+def _run_bpd(args: argparse.Namespace) -> int:
     from starflow2_jax.eval.bpd import evaluate_bpd
 
     try:

@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use the EMA parameters when the run kept them (default: yes)")
     parser.add_argument("--allow-frozen-change", action="store_true",
                         help="sample although a frozen part (e.g. the FAE) differs from the one the run recorded")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip checking the checkpoint against its checksum manifest (huge checkpoints)")
     parser.add_argument("--verbose", action="store_true", help="keep the INFO logs of Orbax and JAX")
     add_distributed_arguments(parser)
 
@@ -55,12 +57,17 @@ def run(args: argparse.Namespace) -> int:
         return fail(NAME, error)
     from starflow2_jax.train.generate import sample_from_workdir, summary_line
 
+    import contextlib
+
+    from starflow2_jax.train.restore import skip_verification
+
     jacobi = "config" if args.jacobi is None else args.jacobi
     try:
-        summary = sample_from_workdir(args.workdir, args.out, label=args.label, prompt=args.prompt,
-                                      guidance=args.guidance, jacobi=jacobi, num=args.num, seed=args.seed,
-                                      ema=args.ema, batch_size=args.batch_size,
-                                      allow_frozen_change=args.allow_frozen_change)
+        with skip_verification() if not args.verify else contextlib.nullcontext():
+            summary = sample_from_workdir(args.workdir, args.out, label=args.label, prompt=args.prompt,
+                                          guidance=args.guidance, jacobi=jacobi, num=args.num, seed=args.seed,
+                                          ema=args.ema, batch_size=args.batch_size,
+                                          allow_frozen_change=args.allow_frozen_change)
     except (ValueError, FileNotFoundError) as error:
         return fail(NAME, error)
     print(json.dumps(summary), flush=True)

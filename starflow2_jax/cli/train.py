@@ -2,7 +2,10 @@
 
 The config file's ``get_config(PRESET)`` plus the overrides is validated before anything starts
 (an error names the field); the run resumes from DIR's latest complete checkpoint when there is
-one. SIGTERM saves the current step and exits 0. Prints where everything goes, then a JSON summary
+one. SIGTERM saves the current step and exits 0. Every error that stops a start (a bad config, a
+locked workdir, a config that differs from the stored run's, a damaged checkpoint, a bad dataset)
+is one line on stderr and exit status 2, with nothing written; a run that ends without a final
+checkpoint (non-finite steps) exits 1 and says why. Prints where everything goes, then a JSON summary
 of the last logged metrics on stdout.
 """
 
@@ -21,13 +24,18 @@ EXTRA_ARGS = True
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = ("starflow2 train --config FILE[:PRESET] --workdir DIR [--config.FIELD=VALUE ...] "
-                    "[--stop-after STEP] [--verbose]")
+                    "[--stop-after STEP] [--resume-intact] [--no-verify] [--verbose]")
     parser.add_argument("--config", required=True, metavar="FILE[:PRESET]",
                         help="config file and preset, e.g. configs/demo.py or configs/demo.py:caption")
     parser.add_argument("--workdir", required=True, metavar="DIR",
                         help="checkpoints, metrics, samples and the resolved config go here (resumes from it)")
     parser.add_argument("--stop-after", type=int, default=None, metavar="STEP",
                         help="stop (with a checkpoint) at this step; the LR schedule still spans train.steps")
+    parser.add_argument("--resume-intact", action="store_true",
+                        help="when the latest checkpoint is damaged, resume from the newest intact one (the damaged "
+                             "steps are moved aside to <step>.damaged) instead of stopping")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip checking the restored checkpoint against its checksum manifest (huge checkpoints)")
     parser.add_argument("--verbose", action="store_true", help="keep the INFO logs of Orbax, grain and TFDS")
     add_distributed_arguments(parser)
 
@@ -98,19 +106,25 @@ def run(args: argparse.Namespace) -> int:
         start_runtime(args, workdir)  # jax.distributed (multi-host), this process's log file
     except DistributedError as error:
         return fail(NAME, error)
+    from starflow2_jax.train.lock import WorkdirLockedError
     from starflow2_jax.train.loop import NonFiniteLossError, train
 
     _describe(workdir, config, args.config)
     try:
-        result = train(config, workdir, stop_after=args.stop_after)
+        result = train(config, workdir, stop_after=args.stop_after, verify=args.verify,
+                       resume_intact=args.resume_intact)
     except NonFiniteLossError as error:
         return fail(NAME, error, status=1)
+    except (ValueError, FileNotFoundError, WorkdirLockedError) as error:
+        return fail(NAME, error)
     summary = {"workdir": workdir, "step": result.step, "interrupted": result.interrupted,
                "metrics": {k: v for k, v in result.metrics.items() if v == v}}  # NaN-free JSON
     print(json.dumps(summary), flush=True)
     done = f"{'stopped by SIGTERM' if result.interrupted else 'done'} at step {result.step}."
     from starflow2_jax.train import families
 
+    if result.no_checkpoint:
+        return fail(NAME, f"{done} No final checkpoint: {result.no_checkpoint}", status=1)
     hint = families.get(config.model.family).next_steps(config, workdir)
     note(done + (f" Next:\n{hint}" if hint else ""))
     return 0

@@ -27,6 +27,10 @@ opens the directory; tmp directories are then deleted, marker-less step director
 
 A save is refused (``False`` returned, error logged) when the state is not finite: one device scalar
 is checked before every save.
+
+Verification: every committed step gets a checksum manifest (``train.manifest``: ``<step>/checksums.json``,
+a size and CRC-32 per file), written by process 0 once the step's save has finished (before the next
+save, at ``wait()`` and at ``close()``); restores check it (``train.manifest.verify_step``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from starflow2_jax.train import manifest
 from starflow2_jax.train.state import TrainState, state_is_finite
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -143,6 +148,7 @@ class Checkpointer:
             return False
         if step in self.manager.all_steps():
             return False
+        self.wait()  # the previous save (Orbax would wait for it too) and its manifest
         items = dict(state=ocp.args.StandardSave(state), extra=ocp.args.StandardSave(extra_vars),
                      config=ocp.args.JsonSave(config_json))
         if data_iter is not None:
@@ -178,11 +184,24 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
     def wait(self) -> None:
-        """Blocks until every pending async save is committed."""
+        """Blocks until every pending async save is committed; then writes the missing manifests."""
         self.manager.wait_until_finished()
+        self._write_manifests()
+
+    def _write_manifests(self) -> None:
+        """A checksum manifest for every committed step that lacks one (process 0)."""
+        if jax.process_index() != 0:
+            return
+        for step in complete_steps(self.directory):
+            step_dir = self.directory / str(step)
+            if not manifest.has_manifest(step_dir):
+                try:
+                    manifest.write(step_dir)
+                except FileNotFoundError:  # removed meanwhile by the retention policy
+                    logging.info("checkpoint step %d was removed while its manifest was written", step)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
 
 
@@ -330,6 +349,8 @@ def load_params(path: os.PathLike | str, abstract_params, abstract_extra, *, fre
     import fnmatch
 
     step_dir = resolve_step_dir(path)
+    if re.fullmatch(r"\d+", step_dir.name):  # a damaged source is named, not half-read
+        manifest.verify_step(step_dir.parent, int(step_dir.name), complete_steps(step_dir.parent))
     expected = flat_shapes(abstract_params)
     new = sorted(k for k in expected if any(fnmatch.fnmatchcase(k, p) for p in new_patterns))
     unused = [p for p in new_patterns if not any(fnmatch.fnmatchcase(k, p) for k in expected)]

@@ -7,6 +7,7 @@ every family shares (compute dtypes, remat policies) are defined here once.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from starflow2_jax.nn.remat import REMAT_POLICIES
@@ -38,10 +39,13 @@ def int_field(config, path: str, minimum: int | None = None, allow: Sequence[int
 
 
 def float_field(config, path: str, low: float | None = None, high: float | None = None) -> float:
-    """A number in [low, high] (either bound optional)."""
+    """A finite number in [low, high] (either bound optional); NaN and ±inf are rejected (a NaN
+    compares False with every bound, so it would otherwise pass, e.g. turning clipping off)."""
     value = get(config, path)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{path}={value!r}: expected a number")
+    if not math.isfinite(value):
+        raise ValueError(f"{path}={value!r}: expected a finite number")
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{path}={value!r}: expected a number in [{low}, {high}]")
     return float(value)

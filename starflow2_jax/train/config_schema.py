@@ -149,8 +149,10 @@ def base_config() -> ml_collections.ConfigDict:
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks every trainer field (types, ranges, cross-field rules); returns ``config``.
 
-    Raises ValueError whose message starts with the dotted name of the first bad field.
+    Raises ValueError whose message starts with the dotted name of the first bad field. A NaN or
+    ±inf anywhere in the config (model kwargs and lists included) is rejected first.
     """
+    _reject_non_finite(config)
     _int(config, "seed", 0)
     family = _choice(config, "model.family", families.names())
     families.get(family).validate(config)
@@ -227,6 +229,19 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _float(config, "sample.jacobi.threshold", 0.0)
     _int(config, "sample.jacobi.max_iters", 1)
     return config
+
+
+def _reject_non_finite(node, prefix: str = "") -> None:
+    """ValueError naming the first field (``a.b`` or ``a.b[2]``) holding a NaN or ±inf float."""
+    import math
+
+    items = node.items() if hasattr(node, "items") else enumerate(node)
+    for key, value in items:
+        path = f"{prefix}[{key}]" if isinstance(key, int) else (f"{prefix}.{key}" if prefix else str(key))
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{path}={value!r}: expected a finite number")
+        if hasattr(value, "items") or isinstance(value, (list, tuple)):
+            _reject_non_finite(value, path)
 
 
 def to_json_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

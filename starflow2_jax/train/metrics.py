@@ -108,6 +108,30 @@ class MultiWriter:
             w.close()
 
 
+def drop_after(path: os.PathLike | str, step: int) -> int:
+    """Rewrites the ``metrics.jsonl`` at ``path`` without its lines for steps after ``step`` (and
+    without a torn last line), atomically; returns how many lines were dropped. A resume calls it with
+    the restored step, so the steps replayed after a kill are logged once. No file: 0."""
+    from starflow2_jax import atomic
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            record_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a kill
+        if record_step <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        atomic.write_text(path, "".join(kept))
+    return len(lines) - len(kept)
+
+
 def tensorboard_writer(logdir: os.PathLike | str):
     """clu's TensorBoard ``SummaryWriter`` for ``logdir``, or None when TensorFlow is not installed."""
     try:

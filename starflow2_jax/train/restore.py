@@ -3,7 +3,9 @@
 The pieces, each usable alone (none builds an optimiser; only ``restore_workdir`` builds a Task):
 
 - ``latest_step_dir(workdir)``: the latest *complete* step under ``<workdir>/checkpoints`` (see
-  ``train.checkpoint.complete_steps``);
+  ``train.checkpoint.complete_steps``), verified against its checksum manifest (``train.manifest``;
+  once per process and step; ``skip_verification()`` turns it off, e.g. ``--no-verify``): a damaged
+  step is a ``CheckpointDamagedError`` naming the damaged file and the newest intact step;
 - ``read_step_config(step_dir)``: the config stored with it, defaults filled in for fields added
   after the run was saved, validated;
 - ``restore_mesh(config)``: the run's ``mesh`` with ``data=-1`` when no axis is −1, so that a
@@ -21,8 +23,9 @@ directory of a save in progress, so this reads step directories directly.)
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import jax
 import ml_collections
@@ -34,6 +37,7 @@ from starflow2_jax import parallel
 from starflow2_jax.train import checkpoint as ckpt_lib
 from starflow2_jax.train import families
 from starflow2_jax.train import frozen as frozen_lib
+from starflow2_jax.train import manifest
 from starflow2_jax.train.config_schema import base_config, validate
 from starflow2_jax.train.step import ModelShardings, model_shardings
 from starflow2_jax.train.task import Task
@@ -59,10 +63,40 @@ class Restored(NamedTuple):
     step_dir: str
 
 
-def latest_step_dir(workdir: os.PathLike | str) -> tuple[int, epath.Path]:
-    """``(step, directory)`` of the latest complete checkpoint of ``workdir``.
+_VERIFY = [True]
+_VERIFIED: set[tuple] = set()  # stat signatures of the step directories verified in this process
 
-    Raises FileNotFoundError naming the workdir when it or its checkpoints are missing.
+
+def _stat_signature(step_dir: epath.Path) -> tuple:
+    """The step directory with every file's path, size and mtime (local disks; object stores: the
+    path only), so a step is verified again when any file changed since."""
+    text = os.fspath(step_dir)
+    if "://" in text:
+        return (text,)
+    entries = []
+    for root, _, names in os.walk(text):
+        for name in names:
+            stat = os.stat(os.path.join(root, name))
+            entries.append((os.path.join(root, name), stat.st_size, stat.st_mtime_ns))
+    return (text, *sorted(entries))
+
+
+@contextlib.contextmanager
+def skip_verification() -> Iterator[None]:
+    """Inside it, ``latest_step_dir`` does not check checksum manifests (huge checkpoints)."""
+    _VERIFY.append(False)
+    try:
+        yield
+    finally:
+        _VERIFY.pop()
+
+
+def latest_step_dir(workdir: os.PathLike | str) -> tuple[int, epath.Path]:
+    """``(step, directory)`` of the latest complete checkpoint of ``workdir``, verified (see the
+    module docstring).
+
+    Raises FileNotFoundError naming the workdir when it or its checkpoints are missing, and
+    ``manifest.CheckpointDamagedError`` (a ValueError) when the step is damaged.
     """
     workdir = ckpt_lib.absolute_path(workdir)  # Orbax: absolute
     if not workdir.exists():
@@ -76,7 +110,13 @@ def latest_step_dir(workdir: os.PathLike | str) -> tuple[int, epath.Path]:
                                 f"{os.fspath(root)}{extra}; train first (starflow2 train --workdir ...)")
     for path in ckpt_lib.find_incomplete(root):
         logging.warning("ignoring incomplete checkpoint directory %s", os.fspath(path))
-    return steps[-1], root / str(steps[-1])
+    step_dir = root / str(steps[-1])
+    signature = _stat_signature(step_dir)
+    if _VERIFY[-1] and signature not in _VERIFIED:
+        manifest.verify_step(root, steps[-1], steps, hint="this reader uses the latest step only: move the "
+                             "damaged step aside, or resume training from the intact one with --resume-intact")
+        _VERIFIED.add(signature)
+    return steps[-1], step_dir
 
 
 def read_step_config(step_dir: os.PathLike | str) -> ml_collections.ConfigDict:

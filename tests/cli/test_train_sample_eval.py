@@ -119,6 +119,78 @@ def test_train_sample_eval_end_to_end(tmp_path, capsys):
     assert "FAE reconstruction errors need an FAE workdir" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x.png") and not os.path.exists(tmp_path / "x.npz")
 
+    # a resume asking for another model is refused before anything is written
+    before = _snapshot(workdir)
+    assert main(["train", "--config", SMOKE, "--workdir", workdir, "--config.train.steps=6",
+                 "--config.model.flow.kwargs.channels=48"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.search(r"error: the requested config differs .* in 1 field\(s\) .*model\.flow\.kwargs\.channels: 32 "
+                     r"-> 48", err[-1]), err
+    assert _snapshot(workdir) == before
+
+    # a flipped byte in the latest step: every reader names the file and the intact step 2
+    data_file = max((p for p in (tmp_path / "run" / "checkpoints" / "4" / "state").rglob("*") if p.is_file()),
+                    key=lambda p: p.stat().st_size)
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data_file.write_bytes(bytes(raw))
+    before = _snapshot(workdir)
+    name = os.path.relpath(data_file, os.path.join(workdir, "checkpoints", "4"))
+    for command in (["sample", "--workdir", workdir, "--out", str(tmp_path / "y.png")],
+                    ["eval", "bpd", "--workdir", workdir],
+                    ["train", "--config", SMOKE, "--workdir", workdir, "--config.train.steps=6"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert f"checkpoint step 4 in {workdir}/checkpoints is damaged ({name}: checksum" in err[-1], err
+        assert "the newest intact step is 2" in err[-1]
+    assert _snapshot(workdir) == before
+
+
+def _snapshot(workdir: str) -> dict:
+    """``{relative path: bytes}`` of every file below ``workdir``."""
+    out = {}
+    for root, _, names in os.walk(workdir):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                out[os.path.relpath(os.path.join(root, name), workdir)] = f.read()
+    return out
+
+
+def test_train_refuses_a_locked_workdir(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from starflow2_jax.train.lock import "
+                               f"WorkdirLock\nwith WorkdirLock({str(workdir)!r}):\n print('HELD', flush=True); "
+                               "time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "HELD"
+        before = _snapshot(str(workdir))
+        assert main(["train", "--config", SMOKE, "--workdir", str(workdir)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert re.search(rf"error: --workdir '{workdir}' is in use by another training job "
+                         rf"\(host .*, PID {holder.pid}, started 20\d\d-", err[-1]), err
+        assert _snapshot(str(workdir)) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_train_names_a_corrupt_dataset_file_and_writes_nothing(tmp_path, capsys):
+    import shutil
+
+    from starflow2_jax.data import build_digits
+
+    prepared = build_digits(tmp_path / "tfds")
+    data_dir = tmp_path / "copy"
+    shutil.copytree(prepared.data_dir, data_dir)
+    shard = data_dir / "starflow2_digits-train.array_record-00000-of-00001"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    workdir = tmp_path / "run"
+    assert main(["train", "--config", SMOKE, "--workdir", str(workdir), "--config.data.builder=directory",
+                 f"--config.data.data_dir={data_dir}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.search(rf"error: data\.data_dir='{data_dir}': file {shard.name} .* is damaged", err[-1]), err
+    assert not workdir.exists()
+
 
 def summary_bpd(workdir: str) -> float:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -134,11 +206,18 @@ def summary_bpd(workdir: str) -> float:
     (["--config.train.init_from=/no/such/run"], "train.init_from='/no/such/run'"),
     (["--stop-after=0"], "--stop-after 0"),
     (["extra-word"], "unrecognized arguments"),
+    (["--config.optim.lr=nan"], "optim.lr=nan: expected a finite number"),
+    (["--config.optim.lr=inf"], "optim.lr=inf: expected a finite number"),
+    (["--config.optim.clip_norm=nan"], "optim.clip_norm=nan: expected a finite number"),
+    (["--config.data.batch_size=12"], "data.batch_size=12: expected a multiple of the 8 batch shards"),
+    (["--config.mesh.data=1", "--config.mesh.fsdp=3"], "mesh={'data': 1, 'fsdp': 3, 'tensor': 1}: expected axis "
+                                                       "sizes whose product is the 8 devices here"),
 ])
 def test_train_rejects_bad_configs_before_starting(tmp_path, capsys, args, pattern):
     workdir = tmp_path / "run"
     assert main(["train", "--config", SMOKE, "--workdir", str(workdir), *args]) == 2
-    assert pattern in capsys.readouterr().err
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("starflow2 train: error: ") and pattern in last, last  # the whole error on one line
     assert not workdir.exists()
 
 
@@ -234,3 +313,18 @@ def test_caption_and_unconditional_sampling(tmp_path):
     assert grid.shape == (2 * 9 + 1, 8 * 9 + 1, 1) and np.all(grid[10:, 1 + 2 * 9:] == 255)  # empty cells white
     with pytest.raises(ValueError, match="unconditional"):
         generate(uncond, guidance=1.0)
+
+
+def test_train_exits_1_when_the_run_ends_without_a_final_checkpoint(tmp_path, capsys, monkeypatch):
+    """The trainer's ``no_checkpoint`` reason (tested in tests/train) becomes exit status 1 and one line."""
+    from starflow2_jax.train import loop
+
+    def fake_train(config, workdir, **kwargs):
+        return loop.TrainResult(state=None, extra_vars=None, step=4, metrics={"loss": float("nan")},
+                                interrupted=False, no_checkpoint="the latest step (4) was non-finite (1 in a row)")
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    assert main(["train", "--config", SMOKE, "--workdir", str(tmp_path / "run")]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == ("starflow2 train: error: done at step 4. No final checkpoint: the latest step (4) was "
+                    "non-finite (1 in a row)")

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from starflow2_jax.cli.config_loader import load_config
+from starflow2_jax.config_files import load_config
 from starflow2_jax.train import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +38,7 @@ WORKER = textwrap.dedent("""
     from starflow2_jax import parallel
     runtime = parallel.initialize()  # from STARFLOW2_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID
     assert (runtime.mode, jax.process_count(), jax.device_count()) == ("explicit", 2, 8), runtime
-    from starflow2_jax.cli.config_loader import load_config, split_override_args
+    from starflow2_jax.config_files import load_config, split_override_args
     from starflow2_jax.train import train
     overrides, _ = split_override_args({overrides!r})
     result = train(load_config("configs/demo.py:runlocal", overrides), {workdir!r})

@@ -49,8 +49,36 @@ def test_cli_convert_from_hf_round_trip(hf_dir, tmp_path):
     again = run_cli("convert", "from-hf", "--model-dir", str(hf_dir), "--out", str(out))
     assert again.returncode == 2 and "exists and is not an empty directory" in again.stderr
     missing = run_cli("convert", "from-hf", "--model-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
-    assert missing.returncode != 0 and "nowhere does not exist" in missing.stderr
+    assert missing.returncode == 2 and f"--model-dir '{tmp_path / 'nowhere'}': no such directory" in missing.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_convert_from_hf_errors_are_one_line_with_exit_2(hf_dir, tmp_path, capsys):
+    """A missing directory, another architecture, a truncated shard: one line naming it, exit 2, no output."""
+    import shutil
+
+    from starflow2_jax.cli.main import main
+
+    def convert_error(model_dir) -> str:
+        assert main(["convert", "from-hf", "--model-dir", str(model_dir), "--out", str(tmp_path / "out")]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("starflow2 convert from-hf: error: "), lines
+        assert not (tmp_path / "out").exists()
+        return lines[0]
+
+    assert f"--model-dir '{tmp_path / 'nowhere'}': no such directory" in convert_error(tmp_path / "nowhere")
+    other = tmp_path / "llama"
+    shutil.copytree(hf_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (other / "config.json").write_text(json.dumps(config))
+    assert "llama" in convert_error(other)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(hf_dir, truncated)
+    shard = truncated / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size - 100])
+    message = convert_error(truncated)
+    assert str(shard) in message and "truncated" in message
 
 
 def test_save_and_load_onto_a_mesh(hf_dir, tmp_path):
