@@ -11,7 +11,8 @@ coupled forward), ``losses``, ``step`` (incremental steps with explicit caches: 
 ``step.deep_step``; the module, not re-exported, so ``pretzel.step`` stays the module), ``generate``.
 """
 
-from starflow2_jax.pretzel.config import PRESETS, PretzelConfig, preset, sevenb, tiny
+from starflow2_jax.pretzel.config import (PRESETS, PretzelConfig, config_from_dict, config_to_dict, preset, sevenb,
+                                          tiny)
 from starflow2_jax.pretzel.generate import image_to_text, interleaved, invert_shallow, text_to_image
 from starflow2_jax.pretzel.layout import Image, Text, chat_items, layout_document
 from starflow2_jax.pretzel.losses import loss, per_example
@@ -21,7 +22,7 @@ from starflow2_jax.pretzel.step import StepOutput
 
 __all__ = [
     "Caches", "Image", "Output", "PRESETS", "PretzelConfig", "StepOutput", "Text", "apply_model", "chat_items",
-    "check_batch", "create_caches", "encode_images", "forward", "image_nll", "image_to_text", "init",
+    "check_batch", "config_from_dict", "config_to_dict", "create_caches", "encode_images", "forward", "image_nll", "image_to_text", "init",
     "init_boxed", "interleaved", "invert_shallow", "layout_document", "lm_logits", "loss", "per_example", "preset",
     "sevenb", "text_to_image", "tiny",
 ]

@@ -6,14 +6,15 @@ stream (widths, depths, heads; STARFlow's block options), the bridges and their 
 (``adapter``, ``vlm_to_flow`` = W_vlm, ``flow_to_lm`` = W_D), the losses (λ, caption dropout,
 latent noise) and the packed-row shape (``seq_len`` L, ``max_images`` M). Presets: ``tiny`` (tests),
 ``sevenb`` (the paper's sizes, SPEC §5). Every **[choice]** of SPEC §5.3 is a field here.
+``config_to_dict`` / ``config_from_dict`` round-trip it through JSON (for checkpoints).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
-from starflow2_jax.fae.config import FAEConfig
+from starflow2_jax.fae.config import FAEConfig, fae_config_from_dict, fae_config_to_dict
 from starflow2_jax.fae.dinov2 import Dinov2Config
 from starflow2_jax.fae.latent_space import FAESpace, PatchesSpace
 from starflow2_jax.flow.config import BlockConfig, FlowConfig
@@ -187,6 +188,43 @@ def sevenb(**overrides) -> PretzelConfig:
     cfg = PretzelConfig(vlm=QwenTextConfig(dtype="bfloat16", remat="full"), latent=FAESpace(fae), seq_len=4096,
                         max_images=8, dtype="bfloat16", remat="full")
     return dataclasses.replace(cfg, **overrides).validate()
+
+
+def config_to_dict(config: PretzelConfig) -> dict[str, Any]:
+    """A JSON-ready dict: the VLM text config and the latent space (``kind`` + its fields) nested."""
+    out = {f.name: getattr(config, f.name) for f in dataclasses.fields(PretzelConfig)}
+    out["vlm"] = dataclasses.asdict(config.vlm)
+    latent = config.latent
+    if latent.kind == "fae":
+        out["latent"] = dict(kind="fae", config=fae_config_to_dict(latent.config))
+    else:
+        out["latent"] = dict(kind="patches", height=latent.height, width=latent.width, channels=latent.channels,
+                             patch=latent.patch)
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> PretzelConfig:
+    """Inverse of ``config_to_dict`` (lists back to tuples); unknown fields raise ValueError naming them."""
+    data = dict(data)
+    known = {f.name for f in dataclasses.fields(PretzelConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"PretzelConfig has unknown fields {unknown}; expected a subset of {sorted(known)}")
+    vlm = dict(data.pop("vlm"))
+    vlm_known = {f.name for f in dataclasses.fields(QwenTextConfig)}
+    if set(vlm) - vlm_known:
+        raise ValueError(f"PretzelConfig.vlm has unknown fields {sorted(set(vlm) - vlm_known)}")
+    vlm = {k: tuple(v) if isinstance(v, list) else v for k, v in vlm.items()}
+    latent = dict(data.pop("latent"))
+    kind = latent.pop("kind", None)
+    if kind == "fae":
+        space = FAESpace(fae_config_from_dict(latent["config"]))
+    elif kind == "patches":
+        space = PatchesSpace(**latent)
+    else:
+        raise ValueError(f"PretzelConfig.latent.kind={kind!r}: expected 'patches' or 'fae'")
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return PretzelConfig(vlm=QwenTextConfig(**vlm), latent=space, **data).validate()
 
 
 def preset(name: str, **overrides) -> PretzelConfig:

@@ -2,6 +2,7 @@
 hand, the chat template, and the errors for bad documents and bad configs."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -96,6 +97,14 @@ def test_bad_documents():
         layout_document(tiny(), [[1, 999]])
     with pytest.raises(ValueError, match="pass encode="):
         layout_document(tiny(), ["text"])
+
+
+def test_config_json_round_trip():
+    for cfg in (tiny(), pconfig.preset("7b")):
+        data = json.loads(json.dumps(pconfig.config_to_dict(cfg)))
+        assert pconfig.config_from_dict(data) == cfg
+    with pytest.raises(ValueError, match=r"unknown fields \['bogus'\]"):
+        pconfig.config_from_dict(dict(pconfig.config_to_dict(tiny()), bogus=1))
 
 
 def test_config_presets_and_errors():
