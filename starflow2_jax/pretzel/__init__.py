@@ -22,7 +22,7 @@ from starflow2_jax.pretzel.step import StepOutput
 
 __all__ = [
     "Caches", "Image", "Output", "PRESETS", "PretzelConfig", "StepOutput", "Text", "apply_model", "chat_items",
-    "check_batch", "config_from_dict", "config_to_dict", "create_caches", "encode_images", "forward", "image_nll", "image_to_text", "init",
-    "init_boxed", "interleaved", "invert_shallow", "layout_document", "lm_logits", "loss", "per_example", "preset",
-    "sevenb", "text_to_image", "tiny",
+    "check_batch", "config_from_dict", "config_to_dict", "create_caches", "encode_images", "forward", "image_nll",
+    "image_to_text", "init", "init_boxed", "interleaved", "invert_shallow", "layout_document", "lm_logits", "loss",
+    "per_example", "preset", "sevenb", "text_to_image", "tiny",
 ]
