@@ -143,8 +143,9 @@ class Checkpointer:
             return False
         if step in self.manager.all_steps():
             return False
-        items = dict(state=ocp.args.StandardSave(state), extra=ocp.args.StandardSave(extra_vars),
-                     config=ocp.args.JsonSave(config_json))
+        items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_json))
+        if jax.tree.leaves(extra_vars):  # Orbax refuses an empty item (e.g. every extra var a frozen part)
+            items["extra"] = ocp.args.StandardSave(extra_vars)
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)

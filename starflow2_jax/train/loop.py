@@ -185,7 +185,8 @@ def train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, task
     if tc.frozen_copy:
         for name, tree in frozen.items():
             frozen_lib.write_copy(workdir, name, tree, records[name])
-    data = data if data is not None else inputs.make_train_data(config, workdir)
+    if data is None:
+        data = (family.train_data or inputs.make_train_data)(config, workdir)
     data_iter = iter(data)
     config_json = to_json_dict(config)
     if jax.process_index() == 0:
