@@ -136,7 +136,7 @@ class Starflow2Task(TaskBase):
                   if jac.block_size > 0 else None)
         return cls(pretzel_config_from(config), s.stage, prompts=tuple(config.sample.prompts),
                    per_prompt=int(config.sample.per_class), jacobi=jacobi, vision_tower=bool(s.vision_tower),
-                   levels=int(config.data.levels), encode=starflow2_data.make_tokenizer(config))
+                   levels=int(config.data.levels), encode=starflow2_data.make_tokenizer(config).encode)
 
     # ---- parts ------------------------------------------------------------------------------
     def part_names(self) -> list[str]:
