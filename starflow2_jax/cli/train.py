@@ -105,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         result = train(config, workdir, stop_after=args.stop_after)
     except NonFiniteLossError as error:
         return fail(NAME, error, status=1)
+    except (ValueError, FileNotFoundError) as error:  # bad data, frozen sources, init_from: named, nothing saved
+        return fail(NAME, error)
     summary = {"workdir": workdir, "step": result.step, "interrupted": result.interrupted,
                "metrics": {k: v for k, v in result.metrics.items() if v == v}}  # NaN-free JSON
     print(json.dumps(summary), flush=True)

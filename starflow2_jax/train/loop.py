@@ -181,12 +181,17 @@ def train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, task
                                             seed=int(config.seed), init_from=str(tc.init_from))
     _check_resume(config, workdir, records)
     config.frozen = ml_collections.ConfigDict(records)
+    resuming = bool(ckpt_lib.complete_steps(os.path.join(workdir, ckpt_lib.CHECKPOINT_SUBDIR)))
+    if tc.init_from and not resuming:  # a checkpoint that does not fit this stage: an error before any write
+        ckpt_lib.check_init_from(tc.init_from, shardings.abstract_state.params,
+                                 {k: v for k, v in shardings.abstract_extra.items() if k not in frozen},
+                                 new_patterns=tuple(tc.init_new))
+    if data is None:  # before the workdir exists: a family's data hook may check its first batch
+        data = (family.train_data or inputs.make_train_data)(config, workdir)
     os.makedirs(workdir, exist_ok=True)
     if tc.frozen_copy:
         for name, tree in frozen.items():
             frozen_lib.write_copy(workdir, name, tree, records[name])
-    if data is None:
-        data = (family.train_data or inputs.make_train_data)(config, workdir)
     data_iter = iter(data)
     config_json = to_json_dict(config)
     if jax.process_index() == 0:

@@ -400,9 +400,14 @@ def frozen_parts(config) -> tuple:
 
 
 def _train_data(config, workdir: str):
+    """The packed rows, after reading one batch: a document that does not fit the model (an image where
+    the config holds none, more images than a row holds, a prompt over the row length) is an error
+    before the trainer writes anything."""
     from starflow2_jax.train.tasks import starflow2_data
 
-    return starflow2_data.make_train_data(config, workdir)
+    data = starflow2_data.make_train_data(config, workdir)
+    next(iter(data))
+    return data
 
 
 def _next_steps(config, workdir: str) -> str:
