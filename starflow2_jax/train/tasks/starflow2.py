@@ -106,6 +106,8 @@ def _matches(name: str, patterns) -> bool:
 class Starflow2Task(TaskBase):
     """A ``Task`` (see ``train.task``) for one STARFlow2 stage; see the module docstring."""
 
+    jittable_sample_grid = False  # text → image switches to the host between segments (``starflow2 aot``)
+
     def __init__(self, config: pretzel.PretzelConfig, stage: str, *, prompts=(), per_prompt: int = 4, jacobi=None,
                  vision_tower: bool = False, levels: int = 255, encode=None):
         if stage not in STAGES:
