@@ -154,7 +154,7 @@ def test_loss_and_gradients_on_a_2x2x2_mesh_equal_one_device(chain):
     config = resolve_config(_config("stage3", chain["data_dir"], data__batch_size=4,
                                     model__starflow2__caption_dropout=0.5))
     task = families.make_task(config)
-    batch = task.prepare_batch(next(iter(starflow2_data.make_train_data(config, chain["data_dir"]))))
+    batch = task.prepare_batch(next(iter(starflow2_data.make_train_data(config, chain["data_dir"], task.config))))
     assert batch["image_valid"].any() and batch["text_loss"].any()
     params = nn.meta.unbox(task.init(jax.random.key(0))[0])
     leaves, tree = jax.tree.flatten(params)  # every zero-initialised part active

@@ -407,7 +407,7 @@ def _train_data(config, workdir: str):
     before the trainer writes anything."""
     from starflow2_jax.train.tasks import starflow2_data
 
-    data = starflow2_data.make_train_data(config, workdir)
+    data = starflow2_data.make_train_data(config, workdir, pretzel_config_from(config))
     next(iter(data))
     return data
 

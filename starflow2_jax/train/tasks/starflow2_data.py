@@ -147,14 +147,13 @@ def make_source(config, split: str, workdir):
     return NamedSource(builder.as_data_source(split), builder.data_dir, split, value=where)
 
 
-def make_train_data(config, workdir):
-    """This process's endless, shuffled stream of batches of packed Pretzel rows."""
+def make_train_data(config, workdir, pcfg: pretzel.PretzelConfig):
+    """This process's endless, shuffled stream of batches of packed Pretzel rows of the model ``pcfg``
+    (``train.tasks.starflow2.pretzel_config_from(config)``)."""
     from starflow2_jax.data.documents import DocumentPreprocess
     from starflow2_jax.data.pipeline import make_packed_pipeline
-    from starflow2_jax.train.tasks.starflow2 import pretzel_config_from
 
     d, s = config.data, config.model.starflow2
-    pcfg = pretzel_config_from(config)
     documents = DocumentPreprocess(levels=int(d.levels), noise=d.noise, noise_std=float(d.noise_std))
     preprocess = LayoutPreprocess(pcfg, documents, make_tokenizer(config).encode, pairs=str(s.pairs))
     return make_packed_pipeline(make_source(config, d.split, workdir),

@@ -53,16 +53,12 @@ def _uint8(image) -> np.ndarray:
     return np.clip(np.round((np.asarray(image, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def _write_transcript(path: str, parts: list, title: str) -> None:
-    """The HTML transcript: ``eval.transcript`` when present, else a minimal self-contained page."""
-    try:
-        from starflow2_jax.eval import transcript as tr
-    except ImportError:
-        tr = None
-    if tr is not None:
-        items = [tr.Passage(p[1], prompt=p[2]) if p[0] == "text" else tr.Picture(p[1], prompt=p[2], meta=p[3])
-                 for p in parts]
-        tr.write_transcript(path, items, title=title)
+def _write_transcript(path: str, parts: list, title: str, writer=None) -> None:
+    """The HTML transcript through ``writer(path, parts, title)`` (the CLI passes ``eval.transcript``'s
+    when present) or, without one, a minimal self-contained page (images inline as base64 PNG).
+    parts: ``('text', str, is_prompt)`` / ``('image', uint8 (H, W, C), is_prompt, metadata dict)``."""
+    if writer is not None:
+        writer(path, parts, title)
         return
     import base64
     import html
@@ -110,9 +106,9 @@ def _jacobi(jacobi: str | None):
 def generate(workdir: str, out_dir: str, *, mode: str, prompts: Sequence[str] = ("",), images: Sequence[str] = (),
              num: int = 1, guidance: float = 0.0, jacobi: str | None = None, seed: int = 0,
              max_new_tokens: int = 32, temperature: float = 0.0, length: int = 0, ema: bool = True,
-             allow_frozen_change: bool = False) -> dict:
+             allow_frozen_change: bool = False, transcript_writer=None) -> dict:
     """Runs ``mode`` on a trained starflow2 ``workdir`` and writes ``out_dir`` (see the module docstring);
-    returns the summary. Raises ValueError / FileNotFoundError naming the bad value before anything is
+    returns the summary. ``transcript_writer``: see ``_write_transcript``. Raises ValueError / FileNotFoundError naming the bad value before anything is
     written (and ``out_dir`` stays absent on any error)."""
     if mode not in MODES:
         raise ValueError(f"--mode {mode!r}: expected one of {MODES}")
@@ -195,6 +191,7 @@ def generate(workdir: str, out_dir: str, *, mode: str, prompts: Sequence[str] = 
         for name, image in zip(files, outputs):
             atomic.write_png(tmp / name, image)
         atomic.write_text(tmp / "text.txt", "\n\n".join(texts) + ("\n" if texts else ""))
-        _write_transcript(os.fspath(tmp / "transcript.html"), parts, title=f"starflow2 generate --mode {mode}")
+        _write_transcript(os.fspath(tmp / "transcript.html"), parts, f"starflow2 generate --mode {mode}",
+                          transcript_writer)
         atomic.write_json(tmp / "summary.json", summary)
     return summary
