@@ -108,8 +108,9 @@ def generate(workdir: str, out_dir: str, *, mode: str, prompts: Sequence[str] = 
              max_new_tokens: int = 32, temperature: float = 0.0, length: int = 0, ema: bool = True,
              allow_frozen_change: bool = False, transcript_writer=None) -> dict:
     """Runs ``mode`` on a trained starflow2 ``workdir`` and writes ``out_dir`` (see the module docstring);
-    returns the summary. ``transcript_writer``: see ``_write_transcript``. Raises ValueError / FileNotFoundError naming the bad value before anything is
-    written (and ``out_dir`` stays absent on any error)."""
+    returns the summary. ``transcript_writer``: see ``_write_transcript``. Raises ValueError /
+    FileNotFoundError naming the bad value before anything is written (and ``out_dir`` stays absent on
+    any error)."""
     if mode not in MODES:
         raise ValueError(f"--mode {mode!r}: expected one of {MODES}")
     if num < 1 or max_new_tokens < 1 or temperature < 0:

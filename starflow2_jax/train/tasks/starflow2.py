@@ -3,9 +3,10 @@
 Stages (``model.starflow2.stage``), run in this order, each starting from the previous one's checkpoint
 (``train.init_from``) with the parts new in it declared (``train.init_new``)::
 
-    stage1  text → image     trains shallow_*, deep (P_txt, P_in, heads)   L_NF           adapter, bridges off
-    stage2  image → text     trains adapter                                L_NTP          new: adapter/*
-    stage3  interleaved      trains adapter, shallow_*, deep, bridges      L_NF + λ·L_NTP new: vlm_to_flow/*, flow_to_lm/*
+    stage1  text → image   trains shallow_*, deep (P_txt, P_in, heads)  L_NF            adapter, bridges off
+    stage2  image → text   trains adapter                               L_NTP           new: adapter/*
+    stage3  interleaved    trains adapter, shallow_*, deep, bridges     L_NF + λ·L_NTP  new: vlm_to_flow/*,
+                                                                                        flow_to_lm/*
 
 Parameters are the switched-on parts of ``pretzel.init`` (``shallow_{k}``, ``deep``, ``adapter``,
 ``vlm_to_flow``, ``flow_to_lm``); ``trainable`` labels the ones a stage does not train False (no
