@@ -73,7 +73,7 @@ def test_stage_chain_trains_the_parts_of_each_stage(chain):
         assert step_dir.name == "2" and stored["model"]["starflow2"]["stage"] == stage
         keys = ckpt_lib.stored_shapes(step_dir / "state")
         params[stage] = {k.split("/")[1] for k in keys if k.startswith("params/")}
-        assert not any(k.split("/")[1] == "vlm" for k in keys)  # the frozen VLM is never in a step
+        assert not any("vlm" in k.split("/") for k in keys)  # the frozen VLM is never in a step
         assert not (step_dir / "extra").exists()  # every extra var is a frozen part here
     assert params["stage1"] == {"shallow_0", "shallow_1", "deep"}
     assert params["stage2"] == params["stage1"] | {"adapter"}
