@@ -49,22 +49,14 @@ class Built(NamedTuple):
 
 
 def _raw_batch(config, task, batch_size: int) -> dict:
-    """A zero batch in the data pipeline's format (``image`` (B, H, W, C), ``label``, ``caption``)."""
-    import numpy as np
-
+    """A zero batch in the data pipeline's format: the task's ``example_batch`` hook (every family's
+    task has one: images and labels for flows and the FAE, packed rows for starflow2)."""
     from starflow2_jax.parallel.aot import AotError
 
-    if getattr(task, "latent_space", None) is not None:
-        shape = tuple(task.latent_space.image_shape)
-    elif config.model.family == "fae":
-        size = int(config.model.fae.image_size)
-        shape = (size, size, 3)
-    elif hasattr(task, "flow_config"):
-        shape = (*tuple(task.flow_config.image_size), task.flow_config.in_channels)
-    else:
-        raise AotError(f"cannot tell the batch's image shape for model.family={config.model.family!r}")
-    return {"image": np.zeros((batch_size, *shape), np.float32), "label": np.zeros((batch_size,), np.int32),
-            "caption": np.asarray([""] * batch_size, dtype=object)}
+    if getattr(task, "example_batch", None) is None:
+        raise AotError(f"model.family={config.model.family!r}: its task has no example_batch(batch_size) hook, so "
+                       f"the batch's shapes are unknown")
+    return task.example_batch(batch_size)
 
 
 def abstract_batch(config, task, mesh) -> dict:
@@ -115,7 +107,7 @@ def stages(built: Built, sample: bool) -> list:
 
     state, extra = built.shardings.abstract_state, built.shardings.abstract_extra
     out = [Stage("train_step", built.step.jitted, (state, extra, built.batch), built.task.rules)]
-    if sample and hasattr(built.task, "sample_grid"):
+    if sample and hasattr(built.task, "sample_grid") and getattr(built.task, "jittable_sample_grid", True):
         guidance = max(float(g) for g in built.config.sample.guidance)
         task = built.task
 
@@ -153,7 +145,9 @@ def aot_report(config, topology: str, *, num_slices: int = 1, mfu: float = 0.4, 
 
 
 def _remat(config) -> str:
-    return str(config.model.fae.remat if config.model.family == "fae" else config.model.flow.remat)
+    """The remat policy of the family's section (``model.<family>.remat``)."""
+    section = config.model.get(config.model.family)
+    return str(section.get("remat", "none")) if section is not None else "none"
 
 
 def load_config(spec: str, extra: list[str]):

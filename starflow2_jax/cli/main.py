@@ -30,6 +30,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "starflow2_jax.cli.convert",
     "starflow2_jax.cli.train",
     "starflow2_jax.cli.sample",
+    "starflow2_jax.cli.generate",
     "starflow2_jax.cli.eval",
     "starflow2_jax.cli.aot",
 )

@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
                        resume_intact=args.resume_intact)
     except NonFiniteLossError as error:
         return fail(NAME, error, status=1)
-    except (ValueError, FileNotFoundError, WorkdirLockedError) as error:
+    except (ValueError, FileNotFoundError, WorkdirLockedError) as error:  # bad data, frozen sources, init_from: named
         return fail(NAME, error)
     summary = {"workdir": workdir, "step": result.step, "interrupted": result.interrupted,
                "metrics": {k: v for k, v in result.metrics.items() if v == v}}  # NaN-free JSON

@@ -149,8 +149,9 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return False
         self.wait()  # the previous save (Orbax would wait for it too) and its manifest
-        items = dict(state=ocp.args.StandardSave(state), extra=ocp.args.StandardSave(extra_vars),
-                     config=ocp.args.JsonSave(config_json))
+        items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_json))
+        if jax.tree.leaves(extra_vars):  # Orbax refuses an empty item (e.g. every extra var a frozen part)
+            items["extra"] = ocp.args.StandardSave(extra_vars)
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -335,17 +336,11 @@ def _graft(base: dict, new: dict) -> dict:
     return out
 
 
-def load_params(path: os.PathLike | str, abstract_params, abstract_extra, *, fresh_params=None,
-                new_patterns: tuple[str, ...] = ()) -> tuple[Any, Any]:
-    """``(params, extra_vars)`` from the checkpoint at ``path`` (see ``resolve_step_dir``) only — no
-    optimiser state — laid out as the abstract targets' shardings.
-
-    The stored parameter tree must equal ``abstract_params`` (paths and shapes) except for the
-    parameters matching ``new_patterns`` (fnmatch over ``'a/b/c'`` paths): those come from
-    ``fresh_params`` (this run's fresh initialisation) and are logged. Otherwise ValueError listing
-    every missing, unexpected and mis-shaped parameter (and every pattern that matches nothing).
-    ``abstract_extra``: the non-frozen extra variables, restored as stored (same check).
-    """
+def check_init_from(path: os.PathLike | str, abstract_params, abstract_extra, *,
+                    new_patterns: tuple[str, ...] = ()) -> tuple[Any, list[str], dict]:
+    """``(step dir, new parameter paths, expected extra shapes)`` when the checkpoint at ``path`` fits
+    (see ``load_params``); reads metadata only, so a run can check before it writes anything.
+    ValueError listing every difference otherwise."""
     import fnmatch
 
     step_dir = resolve_step_dir(path)
@@ -370,6 +365,21 @@ def load_params(path: os.PathLike | str, abstract_params, abstract_extra, *, fre
             f"train.init_from={os.fspath(path)!r}: the parameters of {os.fspath(step_dir)} do not match this "
             f"run's (declare the parameters that are new in this stage in train.init_new):\n"
             f"{describe_differences(missing, unexpected, misshaped)}{unused_text}")
+    return step_dir, new, extra_expected
+
+
+def load_params(path: os.PathLike | str, abstract_params, abstract_extra, *, fresh_params=None,
+                new_patterns: tuple[str, ...] = ()) -> tuple[Any, Any]:
+    """``(params, extra_vars)`` from the checkpoint at ``path`` (see ``resolve_step_dir``) only — no
+    optimiser state — laid out as the abstract targets' shardings.
+
+    The stored parameter tree must equal ``abstract_params`` (paths and shapes) except for the
+    parameters matching ``new_patterns`` (fnmatch over ``'a/b/c'`` paths): those come from
+    ``fresh_params`` (this run's fresh initialisation) and are logged. Otherwise ValueError listing
+    every missing, unexpected and mis-shaped parameter (and every pattern that matches nothing).
+    ``abstract_extra``: the non-frozen extra variables, restored as stored (same check).
+    """
+    step_dir, new, extra_expected = check_init_from(path, abstract_params, abstract_extra, new_patterns=new_patterns)
     target = {"params": _drop(abstract_params, set(new))}
     restored = restore_item(step_dir, "state", target)["params"]
     params = _graft(fresh_params, restored) if new else restored

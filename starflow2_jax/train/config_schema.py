@@ -10,7 +10,8 @@ for reference; their definitions live in ``train.tasks.flow`` / ``train.tasks.fa
 
     seed                      int; parameter init, the train rng and the data pipeline's seed
     model.family              a registered family: 'flow' (TarFlow / STARFlow, model.flow.*) | 'fae' (an FAE
-                              stage, model.fae.*) (see train.families)
+                              stage, model.fae.*) | 'starflow2' (a Pretzel stage, model.starflow2.*: see
+                              train.tasks.starflow2) (see train.families)
     model.flow.factory        'starflow' | 'tarflow': ``flow.starflow_config`` / ``flow.tarflow_config``
     model.flow.kwargs         dict of keyword arguments for the factory (for conditioning 'caption'
                               the trainer adds txt_size / txt_dim from model.text)
@@ -52,8 +53,12 @@ for reference; their definitions live in ``train.tasks.flow`` / ``train.tasks.fa
                               lecam_weight, disc_channels, disc_layers, stats_batches
     data.builder              'digits' (the embedded demo data) | 'photos' (scikit-image photo tiles +
                               digits, RGB 64×64) | 'directory' (a prepared TFDS
-                              dataset directory, ``tfds.builder_from_directory(data.data_dir)``)
+                              dataset directory, ``tfds.builder_from_directory(data.data_dir)``) |
+                              'interleaved' (JSONL documents, data.interleaved) | 'image_text' (JSONL pairs or
+                              class folders, data.image_text): these two for model.family='starflow2' only
     data.data_dir             where the TFDS files live (built there on first use for 'digits')
+    data.source               'interleaved' / 'image_text': the JSONL file (or class-folder root) the TFDS
+                              files are built from, once, into data.data_dir
     data.split / eval_split   splits for training / bits-per-dim evaluation
     data.levels               largest stored pixel value (16 for the digits, 255 for photos); also the
                               number of bins of bits/dim (bin width 2 / levels)
@@ -114,7 +119,7 @@ from starflow2_jax.train.config_fields import get as _get
 from starflow2_jax.train.config_fields import int_field as _int
 from starflow2_jax.train.tasks.fae import STAGES as FAE_STAGES  # noqa: F401  (configs/fae.py reads it here)
 
-BUILDERS = ("digits", "photos", "directory")
+BUILDERS = ("digits", "photos", "directory", "interleaved", "image_text")
 NOISE = ("none", "uniform", "gaussian")
 
 
@@ -126,7 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.family = "flow"
     c.data = ml_collections.ConfigDict(dict(
-        builder="digits", data_dir="", split="train", eval_split="test", levels=16, noise="uniform",
+        builder="digits", data_dir="", source="", split="train", eval_split="test", levels=16, noise="uniform",
         noise_std=0.0, label_drop=0.1, caption_drop=0.1, batch_size=64, worker_count=0, image_size=0,
         channels=0))
     c.optim = ml_collections.ConfigDict(dict(
@@ -160,6 +165,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _choice(config, "data.builder", BUILDERS)
     if _get(config, "data.builder") == "directory" and not _get(config, "data.data_dir"):
         raise ValueError("data.data_dir is empty: data.builder='directory' reads a prepared TFDS dataset there")
+    if _get(config, "data.builder") in ("interleaved", "image_text"):
+        if family != "starflow2":
+            raise ValueError(f"data.builder={config.data.builder!r}: documents are read by model.family='starflow2' "
+                             f"(got {family!r})")
+    if not isinstance(_get(config, "data.source"), str):
+        raise ValueError(f"data.source={config.data.source!r}: expected a path string (the JSONL file that "
+                         f"data.builder 'interleaved' / 'image_text' builds its dataset from)")
     _int(config, "data.levels", 1)
     noise = _choice(config, "data.noise", NOISE)
     std = _float(config, "data.noise_std", 0.0)

@@ -15,6 +15,7 @@ from starflow2_jax.train.family import Family
 BUILTIN = {
     "flow": "starflow2_jax.train.tasks.flow",
     "fae": "starflow2_jax.train.tasks.fae",
+    "starflow2": "starflow2_jax.train.tasks.starflow2",
 }
 _REGISTERED: dict[str, Family] = {}
 

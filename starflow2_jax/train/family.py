@@ -12,7 +12,10 @@ A family module (``train.tasks.flow``, ``train.tasks.fae``, …) defines ``FAMIL
   start and never written into step checkpoints;
 - what the commands offer for it: ``samples`` (``starflow2 sample`` works on its runs) and
   ``evaluations`` (the ``starflow2 eval`` kinds that accept its runs, e.g. ``('bpd',)``);
-- ``next_steps(config, workdir)``: the hint ``starflow2 train`` prints after a run (optional).
+- ``next_steps(config, workdir)``: the hint ``starflow2 train`` prints after a run (optional);
+- ``train_data(config, workdir)``: its stream of training batches (a grain ``IterDataset``), for a
+  family whose batches are not ``train.inputs.make_train_data``'s images (optional; starflow2: packed
+  rows).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Family:
     samples: bool = False
     evaluations: tuple[str, ...] = ()
     next_steps: Callable[[ml_collections.ConfigDict, str], str] = _no_hint
+    train_data: Callable[[ml_collections.ConfigDict, str], Any] | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.isidentifier():

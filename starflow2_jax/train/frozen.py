@@ -181,7 +181,8 @@ def _load(part: FrozenPart, kind: str, source: str, seed: int | None, target, de
     if record is not None:
         return _load(part, record["kind"], record["source"], record.get("seed"), target, depth + 1)
     step_dir = ckpt_lib.resolve_step_dir(source)  # runs from before frozen parts: the part in the step's extra
-    if part.name in {k.split("/")[0] for k in ckpt_lib.stored_shapes(step_dir / "extra")}:
+    extra_dir = step_dir / "extra"
+    if extra_dir.exists() and part.name in {k.split("/")[0] for k in ckpt_lib.stored_shapes(extra_dir)}:
         return ckpt_lib.restore_item(step_dir, "extra", {part.name: target})[part.name]
     raise ValueError(f"{part.field}={source!r}: that run has no frozen part {part.name!r} (no {os.fspath(copy)}, "
                      f"no record in its stored config, nothing in its checkpoint)")

@@ -308,12 +308,17 @@ def _train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, tas
     config.frozen = ml_collections.ConfigDict(records)
     restore_step, damaged = _resume_checks(config, workdir, verify=verify, resume_intact=resume_intact)
     _check_resume(config, workdir, records, restore_step)
+    if tc.init_from and restore_step is None:  # a checkpoint that does not fit this stage: an error before any write
+        ckpt_lib.check_init_from(tc.init_from, shardings.abstract_state.params,
+                                 {k: v for k, v in shardings.abstract_extra.items() if k not in frozen},
+                                 new_patterns=tuple(tc.init_new))
+    if data is None:  # before the workdir exists: a family's data hook may check its first batch
+        data = (family.train_data or inputs.make_train_data)(config, workdir)
     os.makedirs(workdir, exist_ok=True)
     _prepare_workdir(workdir, restore_step, damaged)
     if tc.frozen_copy:
         for name, tree in frozen.items():
             frozen_lib.write_copy(workdir, name, tree, records[name])
-    data = data if data is not None else inputs.make_train_data(config, workdir)
     data_iter = iter(data)
     config_json = to_json_dict(config)
     if jax.process_index() == 0:

@@ -210,7 +210,8 @@ def restore_workdir(workdir: os.PathLike | str, *, ema: bool = True, allow_froze
     shardings = model_shardings(task, mesh)
     use_ema = ema and has_ema(config)
     params = read_params(step_dir, shardings.abstract_params, ema=use_ema)
-    in_step = {k.split("/")[0] for k in ckpt_lib.stored_shapes(step_dir / "extra")}
+    in_step = {k.split("/")[0] for k in ckpt_lib.stored_shapes(step_dir / "extra")} if (step_dir / "extra").exists() \
+        else set()
     kept = tuple(name for name in in_step if name not in config.frozen)  # runs from before frozen parts
     frozen, _ = load_frozen(config, shardings.abstract_extra, allow_changed=allow_frozen_change, skip=kept)
     saved = {k: v for k, v in shardings.abstract_extra.items() if k not in frozen}

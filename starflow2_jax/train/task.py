@@ -23,6 +23,8 @@ when it is not None (``FAETask`` sets both):
   EMA); other labels are update groups with their own clip + AdamW (``train.optim.make_optimizer``).
 - ``finalize(params, extra_vars, batches) -> extra_vars``: after the schedule's last step, before
   the final checkpoint (e.g. statistics computed once from the trained model and stored with it).
+- ``example_batch(batch_size) -> batch``: a zero batch in the data pipeline's format (what
+  ``prepare_batch`` takes), for ahead-of-time compilation (``starflow2 aot``).
 """
 
 from __future__ import annotations
@@ -72,3 +74,4 @@ class TaskBase:
 
     trainable: Optional[Callable[[Any], Any]] = None
     finalize: Optional[Callable[[Any, Any, Iterator], Any]] = None
+    example_batch: Optional[Callable[[int], Any]] = None

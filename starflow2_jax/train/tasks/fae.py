@@ -172,6 +172,11 @@ class FAETask(TaskBase):
         fae_api.check_images(self.config, image)
         return {"image": image}
 
+    def example_batch(self, batch_size: int) -> dict:
+        """A zero batch in the pipeline's format: ``image`` (B, S, S, 3)."""
+        s = self.config.image_size
+        return {"image": np.zeros((batch_size, s, s, 3), np.float32)}
+
     def _pixel_terms(self, params, extra, images, feats, inputs):
         """Pixel-stage loss of decoding ``inputs``; ``feats``: DINOv2 features of ``images`` (the
         perceptual target, computed once per step)."""

@@ -157,6 +157,15 @@ class FlowTask(TaskBase):
             out["tokens"] = self.vocab.encode_batch(batch["caption"], self.flow_config.text_len)
         return out
 
+    def example_batch(self, batch_size: int) -> dict:
+        """A zero batch in the pipeline's format: ``image`` (B, H, W, C), ``label``, ``caption``."""
+        if self.latent_space is not None:
+            shape = tuple(self.latent_space.image_shape)
+        else:
+            shape = (*tuple(self.flow_config.image_size), self.flow_config.in_channels)
+        return {"image": np.zeros((batch_size, *shape), np.float32), "label": np.zeros((batch_size,), np.int32),
+                "caption": np.asarray([""] * batch_size, dtype=object)}
+
     def text_features(self, params, tokens) -> jax.Array:
         """Caption features (B, text_len, text_dim) from token ids (B, text_len)."""
         return jnp.take(params["text"]["embedding"], tokens, axis=0)

@@ -1,0 +1,138 @@
+"""STARFlow2 (SPEC §5): a frozen Qwen2.5-VL and the Pretzel flows, trained in three stages, each from the
+previous one's checkpoint.
+
+    starflow2 train --config configs/starflow2.py:tiny,stage1 --workdir /tmp/sf2_s1
+    starflow2 train --config configs/starflow2.py:tiny,stage2 --workdir /tmp/sf2_s2 --config.train.init_from=/tmp/sf2_s1
+    starflow2 train --config configs/starflow2.py:tiny,stage3 --workdir /tmp/sf2_s3 --config.train.init_from=/tmp/sf2_s2
+    starflow2 generate --workdir /tmp/sf2_s3 --mode t2i --prompt "a handwritten digit seven" --out /tmp/sf2_out
+
+Presets (``arg`` = ``size,stage[,runlocal]``):
+
+- ``tiny`` (default): ``pretzel.tiny`` — a random 2-layer VLM of width 64 (vocabulary: UTF-8 bytes),
+  the embedded digits (8×8 grey) as 4×4 patches (N = 4 slots of D = 16), flows of width 32; rows of
+  64 positions. Tests and a laptop CPU.
+- ``demo``: a random 4-layer VLM of width 128, the digits at 32×32 as 4×4 patches (N = 64 slots of
+  16), flows of width 128 (shallow 2 × 2, deep 4); rows of 256 positions with up to 2 images.
+- ``7b``: the paper's sizes — Qwen2.5-VL-7B-Instruct (``model.starflow2.vlm_checkpoint``: a Hugging Face
+  directory; its config must be the 7B text decoder), the DINOv2-g/14 FAE's 16×16 × 32 latents of
+  256-px images (``model.starflow2.latent.fae_workdir``: the last FAE stage of ``configs/fae.py:g14_256``),
+  flows of width 3072 (shallow 2 × 4, deep 24: 3.6B trainable); rows of 4096 positions with up to 8
+  images; bfloat16 with full remat, FSDP over every device; interleaved JSONL documents
+  (``data.source``).
+
+Stages (SPEC §5.1): ``stage1`` trains the flows on L_NF (adapter and bridges off; pairs as caption →
+image); ``stage2`` adds the adapter and trains only it on L_NTP (pairs as image → caption);
+``stage3`` adds the bridges W_vlm and W_D and trains everything but the VLM and the FAE on
+L_NF + λ·L_NTP (pairs in either order). Each stage declares its new parts (``train.init_new``), so
+``init_from`` the previous stage initialises exactly those fresh (zero-initialised outputs: the model
+starts as the previous stage's). ``runlocal`` shrinks any of them to a few steps.
+**[choice]** step counts, learning rates, λ = 1 (the paper reports none).
+"""
+
+import ml_collections
+
+from starflow2_jax.config_files import ConfigError, parse_preset
+from starflow2_jax.train.config_schema import base_config
+
+SIZES = ("tiny", "demo", "7b")
+STAGES = ("stage1", "stage2", "stage3")
+PRESETS = tuple(f"{size},{stage}" for size in SIZES for stage in STAGES)
+SWITCHES = {"stage1": (False, False, False), "stage2": (True, False, False), "stage3": (True, True, True)}
+NEW_PARTS = {"stage1": (), "stage2": ("adapter/*",), "stage3": ("vlm_to_flow/*", "flow_to_lm/*")}
+PAIRS = {"stage1": "t2i", "stage2": "i2t", "stage3": "mixed"}
+
+
+def _vlm(**fields) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()})
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    size, modifiers = parse_preset(arg, SIZES, STAGES + ("runlocal",), default="tiny")
+    stages = sorted(modifiers & set(STAGES))
+    if len(stages) > 1:
+        raise ConfigError(f"stages {stages} exclude each other: pick one of {STAGES}")
+    stage = stages[0] if stages else "stage1"
+
+    c = base_config()
+    c.seed = 0
+    c.model.family = "starflow2"
+    c.model.conditioning = "none"
+    s = c.model.starflow2
+    s.stage = stage
+    s.adapter, s.vlm_to_flow, s.flow_to_lm = SWITCHES[stage]
+    s.pairs = PAIRS[stage]
+    c.train.init_new = NEW_PARTS[stage]
+    c.optim.ema_decay = 0.0
+    c.optim.b1, c.optim.b2 = 0.9, 0.95
+    c.optim.weight_decay = 1e-4
+    c.optim.clip_norm = 1.0
+    c.sample.guidance = [0.0, 2.0]
+    c.sample.per_class = 4
+
+    if size in ("tiny", "demo"):
+        digits = ["a handwritten digit zero", "a handwritten digit three", "a handwritten digit seven"]
+        c.sample.prompts = digits
+        c.data.builder = "digits"
+        c.data.levels = 16
+        c.data.noise = "uniform"
+        s.tokenizer = "bytes"
+        s.vlm_checkpoint = ""
+        if size == "tiny":
+            pass  # add_defaults holds pretzel.tiny's sizes
+        else:
+            s.vlm = _vlm(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
+                         num_kv_heads=2, mrope_section=(4, 6, 6), image_token_id=252, video_token_id=253,
+                         vision_start_token_id=250, vision_end_token_id=251, bos_token_id=None,
+                         eos_token_ids=(255,), pad_token_id=0, max_position_embeddings=4096)
+            s.latent.image_size, s.latent.channels, s.latent.patch = 32, 1, 4
+            s.flow_width, s.flow_head_dim = 128, 32
+            s.shallow_blocks, s.shallow_layers, s.deep_layers = 2, 2, 4
+            s.seq_len, s.max_images = 256, 2
+        c.data.batch_size = 8
+        c.optim.lr = 1e-3
+        c.optim.min_lr = 1e-5
+        c.optim.warmup_steps = 20
+        c.train.steps = 300 if size == "tiny" else 1000
+        c.train.log_every = 50
+        c.train.checkpoint_every = 0
+        c.mesh.data, c.mesh.fsdp = -1, 1
+    else:
+        from starflow2_jax.fae.config import fae_config_to_dict
+        from starflow2_jax.pretzel.config import sevenb
+
+        seven = sevenb()
+        s.vlm = ml_collections.ConfigDict()  # Qwen2.5-VL-7B's text decoder (QwenTextConfig's defaults)
+        s.vlm_checkpoint = ""  # required: --config.model.starflow2.vlm_checkpoint=/path/to/Qwen2.5-VL-7B-Instruct
+        s.vlm_dtype = "bfloat16"
+        s.tokenizer = ""  # the checkpoint's tokenizer.json
+        s.latent.kind = "fae"
+        s.latent.image_size, s.latent.channels, s.latent.patch = 256, 3, 0
+        s.latent.fae_workdir = ""  # required: the workdir of configs/fae.py:g14_256,ii
+        s.latent.fae = ml_collections.ConfigDict(fae_config_to_dict(seven.latent.config))
+        for name in ("flow_width", "flow_head_dim", "flow_mlp_ratio", "shallow_blocks", "shallow_layers",
+                     "deep_layers", "seq_len", "max_images"):
+            s[name] = getattr(seven, name)
+        s.dtype, s.remat = "bfloat16", "full"
+        c.data.builder = "interleaved"
+        c.data.source = ""  # required: a JSONL file of documents (data.interleaved)
+        c.data.levels = 255
+        c.data.noise = "none"
+        c.data.batch_size = 256
+        c.data.worker_count = 8
+        c.optim.lr = 1e-4
+        c.optim.min_lr = 1e-6
+        c.optim.warmup_steps = 2000
+        c.train.steps = {"stage1": 200_000, "stage2": 50_000, "stage3": 100_000}[stage]
+        c.train.log_every = 100
+        c.train.checkpoint_every = 2000
+        c.mesh.data, c.mesh.fsdp = 1, -1
+
+    if "runlocal" in modifiers:
+        c.train.steps = 4
+        c.optim.warmup_steps = 1
+        c.train.log_every = 2
+        c.train.checkpoint_every = 2
+        c.data.batch_size = 4
+        c.sample.per_class = 2
+        c.sample.guidance = [0.0]
+    return c

@@ -1,0 +1,76 @@
+"""`starflow2 generate --workdir DIR --mode t2i|i2t|interleaved|edit --out DIR [...]`: STARFlow2 generation.
+
+Reads a trained starflow2 workdir (its latest checkpoint; ``starflow2 sample`` stays the command for
+flows) and writes ``--out`` (a new or empty directory, written atomically): ``transcript.html`` (prompt
+and outputs in order, images inline), ``image_{k}.png``, ``text.txt`` and ``summary.json`` (also
+printed on stdout). See ``starflow2_jax.train.starflow2_generate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from starflow2_jax.cli.common import fail, note
+
+NAME = "generate"
+HELP = "STARFlow2 generation from a trained workdir: text→image, image→text, interleaved, editing (HTML + PNG)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.usage = ("starflow2 generate --workdir DIR --mode t2i|i2t|interleaved|edit --out DIR [--prompt TEXT ...] "
+                    "[--image FILE ...] [--num N] [--guidance W] [--jacobi BLOCK,THRESHOLD,MAX_ITERS] [--seed S] "
+                    "[--max-new-tokens T] [--temperature X]")
+    parser.add_argument("--workdir", required=True, metavar="DIR", help="a starflow2 training workdir")
+    parser.add_argument("--mode", required=True, choices=("t2i", "i2t", "interleaved", "edit"))
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (absent or empty)")
+    parser.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                        help="a prompt (repeat for several; default: the empty prompt)")
+    parser.add_argument("--image", action="append", default=[], metavar="FILE",
+                        help="an input image in the context (i2t, interleaved, edit; repeatable)")
+    parser.add_argument("--num", type=int, default=1, metavar="N", help="samples per prompt (default 1)")
+    parser.add_argument("--guidance", type=float, default=0.0, metavar="W", help="Gaussian guidance weight (0: off)")
+    parser.add_argument("--jacobi", default=None, metavar="BLOCK,THRESHOLD,MAX_ITERS",
+                        help="Jacobi iteration on the deep stream, e.g. 4,1e-3,32 (default: sequential)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="noise / sampling seed (default 0)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, metavar="T", help="text budget (default 32)")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="X", help="0: greedy (default)")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="use the EMA parameters when the run kept them (default: yes)")
+    parser.add_argument("--allow-frozen-change", action="store_true",
+                        help="generate although a frozen part differs from the one the run recorded")
+    parser.add_argument("--verbose", action="store_true", help="keep the INFO logs of Orbax and JAX")
+
+
+def _transcript_writer():
+    """``eval.transcript``'s writer adapted to the generator's parts, or None (a minimal page then)."""
+    try:
+        from starflow2_jax.eval import transcript as tr
+    except ImportError:
+        return None
+
+    def write(path, parts, title):
+        items = [tr.Passage(p[1], prompt=p[2]) if p[0] == "text" else tr.Picture(p[1], prompt=p[2], meta=p[3])
+                 for p in parts]
+        tr.write_transcript(path, items, title=title)
+
+    return write
+
+
+def run(args: argparse.Namespace) -> int:
+    from starflow2_jax.cli.common import setup_logging
+
+    setup_logging(args.verbose)
+    from starflow2_jax.train.starflow2_generate import generate
+
+    try:
+        summary = generate(args.workdir, args.out, mode=args.mode, prompts=args.prompt or [""], images=args.image,
+                           num=args.num, guidance=args.guidance, jacobi=args.jacobi, seed=args.seed,
+                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, ema=args.ema,
+                           allow_frozen_change=args.allow_frozen_change, transcript_writer=_transcript_writer())
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        return fail(NAME, error)
+    print(json.dumps(summary), flush=True)
+    note(f"starflow2 generate: {summary['generated_images']} image(s), {len(summary['generated_texts'])} text(s) "
+         f"in {summary['seconds']:.1f}s → {args.out}/transcript.html")
+    return 0
