@@ -3,7 +3,7 @@
 Reads a trained starflow2 workdir (its latest checkpoint; ``starflow2 sample`` stays the command for
 flows) and writes ``--out`` (a new or empty directory, written atomically): ``transcript.html`` (prompt
 and outputs in order, images inline), ``image_{k}.png``, ``text.txt`` and ``summary.json`` (also
-printed on stdout). See ``starflow2_jax.train.starflow2_generate``.
+printed on stdout). See ``starflow2_jax.eval.generate``.
 """
 
 from __future__ import annotations
@@ -42,32 +42,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="keep the INFO logs of Orbax and JAX")
 
 
-def _transcript_writer():
-    """``eval.transcript``'s writer adapted to the generator's parts, or None (a minimal page then)."""
-    try:
-        from starflow2_jax.eval import transcript as tr
-    except ImportError:
-        return None
-
-    def write(path, parts, title):
-        items = [tr.Passage(p[1], prompt=p[2]) if p[0] == "text" else tr.Picture(p[1], prompt=p[2], meta=p[3])
-                 for p in parts]
-        tr.write_transcript(path, items, title=title)
-
-    return write
-
-
 def run(args: argparse.Namespace) -> int:
     from starflow2_jax.cli.common import setup_logging
 
     setup_logging(args.verbose)
-    from starflow2_jax.train.starflow2_generate import generate
+    from starflow2_jax.eval.generate import generate
 
     try:
         summary = generate(args.workdir, args.out, mode=args.mode, prompts=args.prompt or [""], images=args.image,
                            num=args.num, guidance=args.guidance, jacobi=args.jacobi, seed=args.seed,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, ema=args.ema,
-                           allow_frozen_change=args.allow_frozen_change, transcript_writer=_transcript_writer())
+                           allow_frozen_change=args.allow_frozen_change)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         return fail(NAME, error)
     print(json.dumps(summary), flush=True)

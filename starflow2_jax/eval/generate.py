@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from starflow2_jax import atomic, pretzel
+from starflow2_jax.eval import transcript
 
 MODES = ("t2i", "i2t", "interleaved", "edit")
 
@@ -53,34 +54,12 @@ def _uint8(image) -> np.ndarray:
     return np.clip(np.round((np.asarray(image, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def _write_transcript(path: str, parts: list, title: str, writer=None) -> None:
-    """The HTML transcript through ``writer(path, parts, title)`` (the CLI passes ``eval.transcript``'s
-    when present) or, without one, a minimal self-contained page (images inline as base64 PNG).
-    parts: ``('text', str, is_prompt)`` / ``('image', uint8 (H, W, C), is_prompt, metadata dict)``."""
-    if writer is not None:
-        writer(path, parts, title)
-        return
-    import base64
-    import html
-    import io
-
-    from PIL import Image
-
-    body = []
-    for kind, value, prompt, *meta in parts:
-        cls = "prompt" if prompt else "generated"
-        if kind == "text":
-            body.append(f'<div class="part {cls}" data-kind="text"><pre>{html.escape(value)}</pre></div>')
-        else:
-            buf = io.BytesIO()
-            Image.fromarray(value[..., 0] if value.shape[-1] == 1 else value).save(buf, format="PNG")
-            data = base64.b64encode(buf.getvalue()).decode()
-            caption = html.escape(json.dumps(meta[0] if meta else {}))
-            body.append(f'<div class="part {cls}" data-kind="image"><figure><img src="data:image/png;base64,{data}">'
-                        f"<figcaption>{caption}</figcaption></figure></div>")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>"
-            f"<h1>{html.escape(title)}</h1>" + "\n".join(body) + "</body></html>")
-    atomic.write_text(path, page)
+def _write_transcript(path: str, parts: list, title: str) -> None:
+    """The HTML transcript (``eval.transcript``). parts: ``('text', str, is_prompt)`` /
+    ``('image', uint8 (H, W, C), is_prompt, metadata dict)``."""
+    items = [transcript.Passage(p[1], prompt=p[2]) if p[0] == "text" else
+             transcript.Picture(p[1], prompt=p[2], meta=p[3]) for p in parts]
+    transcript.write_transcript(path, items, title=title)
 
 
 def _prompt_document(task, prompt: str, images: Sequence[np.ndarray]) -> dict:
@@ -106,9 +85,9 @@ def _jacobi(jacobi: str | None):
 def generate(workdir: str, out_dir: str, *, mode: str, prompts: Sequence[str] = ("",), images: Sequence[str] = (),
              num: int = 1, guidance: float = 0.0, jacobi: str | None = None, seed: int = 0,
              max_new_tokens: int = 32, temperature: float = 0.0, length: int = 0, ema: bool = True,
-             allow_frozen_change: bool = False, transcript_writer=None) -> dict:
+             allow_frozen_change: bool = False) -> dict:
     """Runs ``mode`` on a trained starflow2 ``workdir`` and writes ``out_dir`` (see the module docstring);
-    returns the summary. ``transcript_writer``: see ``_write_transcript``. Raises ValueError /
+    returns the summary. Raises ValueError /
     FileNotFoundError naming the bad value before anything is written (and ``out_dir`` stays absent on
     any error)."""
     if mode not in MODES:
@@ -192,7 +171,6 @@ def generate(workdir: str, out_dir: str, *, mode: str, prompts: Sequence[str] = 
         for name, image in zip(files, outputs):
             atomic.write_png(tmp / name, image)
         atomic.write_text(tmp / "text.txt", "\n\n".join(texts) + ("\n" if texts else ""))
-        _write_transcript(os.fspath(tmp / "transcript.html"), parts, f"starflow2 generate --mode {mode}",
-                          transcript_writer)
+        _write_transcript(os.fspath(tmp / "transcript.html"), parts, f"starflow2 generate --mode {mode}")
         atomic.write_json(tmp / "summary.json", summary)
     return summary
