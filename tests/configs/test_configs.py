@@ -52,9 +52,16 @@ def test_every_preset_loads_validates_and_builds_its_task(name, preset):
     task = task_from_config(resolve_config(config))  # the factory accepts the kwargs
     if config.model.family == "flow":
         assert task.conditioning == config.model.conditioning
-    else:
+    elif config.model.family == "fae":
         params, extra = jax.eval_shape(task.init, jax.random.key(0))  # shapes only: no memory for g/14
         assert set(params) == {"encoder", "feature_decoder", "pixel_decoder", "discriminator"}
+    else:  # starflow2: the stage's switches decide which trainable parts exist (SPEC §5.1)
+        params, extra = jax.eval_shape(task.init, jax.random.key(0))  # shapes only: no memory for 7b
+        stage = config.model.starflow2.stage
+        expected = {"deep"} | {k for k in params if k.startswith("shallow_")}
+        expected |= {"adapter"} if stage in ("stage2", "stage3") else set()
+        expected |= {"vlm_to_flow", "flow_to_lm"} if stage == "stage3" else set()
+        assert any(k.startswith("shallow_") for k in params) and set(params) == expected
 
 
 def _num_params(config) -> int:
