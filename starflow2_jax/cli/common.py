@@ -67,14 +67,11 @@ def add_distributed_arguments(parser) -> None:
                        help="how long to wait for the coordinator and the other processes (default 300)")
 
 
-def start_runtime(args, workdir: str | None = None):
-    """Starts ``jax.distributed`` from ``args`` (``add_distributed_arguments``) and, with a local
-    ``workdir``, this process's log file ``<workdir>/logs/process_<i>.log``. Returns the
-    ``parallel.Runtime``; raises ``parallel.DistributedError`` (a RuntimeError naming the settings)."""
+def start_runtime(args):
+    """Starts ``jax.distributed`` from ``args`` (``add_distributed_arguments``). Returns the
+    ``parallel.Runtime``; raises ``parallel.DistributedError`` (a RuntimeError naming the settings).
+    (``train`` adds this process's log file ``<workdir>/logs/process_<i>.log`` once its checks pass.)"""
     from starflow2_jax import parallel
 
-    runtime = parallel.initialize(args.coordinator, args.num_processes, args.process_id,
-                                  timeout_s=args.distributed_timeout)
-    if workdir is not None:
-        parallel.add_host_log(workdir)
-    return runtime
+    return parallel.initialize(args.coordinator, args.num_processes, args.process_id,
+                               timeout_s=args.distributed_timeout)

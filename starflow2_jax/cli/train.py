@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from starflow2_jax.parallel import DistributedError
 
     try:
-        start_runtime(args, workdir)  # jax.distributed (multi-host), this process's log file
+        start_runtime(args)  # jax.distributed (multi-host); the loop adds this process's log file
     except DistributedError as error:
         return fail(NAME, error)
     from starflow2_jax.train.lock import WorkdirLockedError
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     _describe(workdir, config, args.config)
     try:
         result = train(config, workdir, stop_after=args.stop_after, verify=args.verify,
-                       resume_intact=args.resume_intact)
+                       resume_intact=args.resume_intact, host_log=True)
     except NonFiniteLossError as error:
         return fail(NAME, error, status=1)
     except (ValueError, FileNotFoundError, WorkdirLockedError) as error:  # bad data, frozen sources, init_from: named

@@ -256,7 +256,7 @@ def _mean_metrics(history: list[dict]) -> dict:
 
 def train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, task: Task | None = None,
           data: grain.IterDataset | None = None, stop_after: int | None = None, verify: bool = True,
-          resume_intact: bool = False) -> TrainResult:
+          resume_intact: bool = False, host_log: bool = False) -> TrainResult:
     """Trains (or resumes) the model ``config`` describes in ``workdir``; returns a ``TrainResult``.
 
     Holds ``workdir``'s lock (``train.lock``; process 0) for the whole call; see ``_train`` for the
@@ -264,12 +264,12 @@ def train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, task
     """
     with WorkdirLock(os.fspath(workdir), enabled=jax.process_index() == 0):
         return _train(config, workdir, task=task, data=data, stop_after=stop_after, verify=verify,
-                      resume_intact=resume_intact)
+                      resume_intact=resume_intact, host_log=host_log)
 
 
 def _train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, task: Task | None = None,
            data: grain.IterDataset | None = None, stop_after: int | None = None, verify: bool = True,
-           resume_intact: bool = False) -> TrainResult:
+           resume_intact: bool = False, host_log: bool = False) -> TrainResult:
     """``train`` under the workdir's lock.
 
     Args:
@@ -281,6 +281,8 @@ def _train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, tas
       stop_after: stop (with a checkpoint) once this step is reached, though the LR schedule still
         spans ``train.steps`` — for jobs that train in slices.
       verify: check the checkpoint a resume restores against its checksum manifest.
+      host_log: also log to ``<workdir>/logs/process_<i>.log`` (``parallel.add_host_log``), from the
+        moment every check has passed and the workdir exists (the CLI turns it on).
       resume_intact: when the latest checkpoint is damaged, resume from the newest intact one (the
         damaged steps are moved aside) instead of stopping.
     Raises (all before anything is written to ``workdir``):
@@ -315,6 +317,8 @@ def _train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, tas
     if data is None:  # before the workdir exists: a family's data hook may check its first batch
         data = (family.train_data or inputs.make_train_data)(config, workdir)
     os.makedirs(workdir, exist_ok=True)
+    if host_log:
+        parallel.add_host_log(workdir)
     _prepare_workdir(workdir, restore_step, damaged)
     if tc.frozen_copy:
         for name, tree in frozen.items():
