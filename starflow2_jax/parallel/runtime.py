@@ -180,6 +180,18 @@ def add_host_log(workdir: str) -> str | None:
     return path
 
 
+def remove_host_log(workdir: str) -> None:
+    """Stops writing to ``host_log_path(workdir)`` (closes the handler ``add_host_log`` added, if any)."""
+    path = host_log_path(workdir)
+    if path is None:
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename == os.path.abspath(path):
+            root.removeHandler(handler)
+            handler.close()
+
+
 def set_compilation_cache(directory: str) -> None:
     """Uses ``directory`` as JAX's persistent compilation cache ('' leaves it off): every executable
     that took over a second to compile is stored there and reused by later runs (and restarts)."""

@@ -263,8 +263,12 @@ def train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, task
     arguments. Raises ``lock.WorkdirLockedError`` when another live job holds it.
     """
     with WorkdirLock(os.fspath(workdir), enabled=jax.process_index() == 0):
-        return _train(config, workdir, task=task, data=data, stop_after=stop_after, verify=verify,
-                      resume_intact=resume_intact, host_log=host_log)
+        try:
+            return _train(config, workdir, task=task, data=data, stop_after=stop_after, verify=verify,
+                          resume_intact=resume_intact, host_log=host_log)
+        finally:
+            if host_log:  # the log file belongs to this call (a later refused call must not append to it)
+                parallel.remove_host_log(os.fspath(workdir))
 
 
 def _train(config: ml_collections.ConfigDict, workdir: os.PathLike | str, *, task: Task | None = None,
