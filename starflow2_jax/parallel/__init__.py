@@ -15,5 +15,6 @@ __all__ = [
     "AXIS_TYPES", "BATCH_AXES", "DEFAULT_RULES", "DistributedError", "FAE_RULES", "FLOW_RULES", "MESH_AXES",
     "PRETZEL_RULES", "Runtime", "StopAgreement", "activation_rules", "add_host_log", "axes_size", "batch_sharding",
     "fit_spec", "init_sharded", "initialize", "logical_shardings", "make_mesh", "mesh_shape", "num_slices",
-    "process_0_first", "remove_host_log", "set_compilation_cache", "shard_batch", "shard_variables", "variable_shardings", "VLM_RULES",
+    "process_0_first", "remove_host_log", "set_compilation_cache", "shard_batch", "shard_variables",
+    "variable_shardings", "VLM_RULES",
 ]
