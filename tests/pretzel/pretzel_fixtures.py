@@ -43,12 +43,23 @@ def perturb(params, seed: int, scale: float = 0.05):
         treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
 
 
-@functools.lru_cache(maxsize=None)
+def _cached_concrete(fn):
+    """lru_cache that always stores concrete arrays: a first call from inside a jit trace would
+    otherwise cache that trace's tracers and poison every later test."""
+    @functools.lru_cache(maxsize=None)
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with jax.ensure_compile_time_eval():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_cached_concrete
 def vlm_params(seed: int = 1):
     return vlm.init_text(tiny().vlm, jax.random.key(seed))
 
 
-@functools.lru_cache(maxsize=None)
+@_cached_concrete
 def active_params(seed: int = 0, **overrides):
     """Random trainable params of tiny(**overrides) with all zero-initialised parts perturbed."""
     return perturb(pmodel.init(tiny(**overrides), jax.random.key(seed)), seed + 100)

@@ -67,9 +67,10 @@ def test_exact_likelihood_against_autodiff_jacobian():
     doc = interleaved_doc(cfg, seed=3)
     batch = jnp_batch(batch_of(cfg, [doc], length=len(doc["tokens"]), max_images=2))
     latents = pmodel.encode_images(cfg, {}, batch["images"])  # (1, 2, N, D)
+    frozen = vlm_params()
 
     def z_of(x):
-        out = pmodel.apply_model(cfg, params, vlm_params(), batch, x.reshape(latents.shape))
+        out = pmodel.apply_model(cfg, params, frozen, batch, x.reshape(latents.shape))
         return out.z.reshape(-1)
 
     x = latents.reshape(-1)

@@ -190,7 +190,9 @@ def test_step_checkpoint_size_does_not_depend_on_the_frozen_part(tmp_path):
         train(config, tmp_path / str(rows), data=pipeline(config))
         sizes[rows] = dir_bytes(tmp_path / str(rows) / "checkpoints" / "2")
     print(f"step checkpoint bytes by frozen table rows: {sizes}")
-    assert abs(sizes[65536] - sizes[4]) < 2048, sizes  # metadata jitter only; the table alone is 4 MiB
+    # Orbax's OCDBT layout varies by a few KiB from run to run (how writes are batched into data
+    # files); the table alone is 4 MiB, so 64 KiB still tells 'not saved' from 'saved'
+    assert abs(sizes[65536] - sizes[4]) < 64 << 10, sizes
     assert sizes[4] < 1 << 20
 
 
