@@ -12,7 +12,7 @@ Presets (``arg`` = ``size[,runlocal]``):
 - ``tiny``: pretzel.tiny's VLM (width 64, 2 layers), images of 2×2 slots (configs/starflow2.py:tiny's
   4×4 patches of 8×8 digits); tests.
 - ``demo`` (default): configs/starflow2.py:demo's VLM (width 128, 4 layers), images of 8×8 slots (its
-  4×4 patches of 32×32 digits), rows of 512 positions.
+  4×4 patches of 32×32 digits), rows of 384 positions, batches of 4 rows, 200 steps.
 - ``runlocal`` shrinks either to a few steps (checkpoints every 2).
 
 The sizes and marker ids come from ``train.tasks.lm.vlm_fields`` (the ids from the demo tokenizer), the
@@ -39,15 +39,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     lm.grid = GRIDS[size]
     lm.tokenizer = "demo"
     lm.corpus_seed, lm.corpus_documents = 0, 4000
-    lm.seq_len = 128 if size == "tiny" else 512
-    c.data.batch_size = 8
+    # demo rows hold the longest documents (4 images of 66 positions and their text: ~320)
+    lm.seq_len = 128 if size == "tiny" else 384
+    c.data.batch_size = 8 if size == "tiny" else 4  # small batches, more steps: the fastest descent per second
     c.optim.lr = 3e-3
     c.optim.min_lr = 1e-4
-    c.optim.warmup_steps = 20
+    c.optim.warmup_steps = 10
     c.optim.weight_decay = 1e-4
     c.optim.clip_norm = 1.0
     c.optim.ema_decay = 0.0
-    c.train.steps = 300 if size == "tiny" else 400
+    c.train.steps = 200
     c.train.log_every = 20
     c.train.sample_every = 0
     c.train.checkpoint_every = 100
