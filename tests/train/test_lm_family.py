@@ -67,7 +67,7 @@ def test_loss_is_transformers_cross_entropy_of_each_packed_document():
     from starflow2_jax.data.packing import pack_documents
 
     row = pack_documents(laid, lm.packing_spec(pcfg, 16))
-    batch = {k: v[None] for k, v in task.prepare_batch({k: v[None] for k, v in row.items()}).items()}
+    batch = task.prepare_batch({k: v[None] for k, v in row.items()})
     loss, metrics = jax.jit(task.loss)(params, {}, batch, jax.random.key(0))
 
     nll, count = [], 0
@@ -116,7 +116,7 @@ def test_bad_config_names_the_field(tmp_path):
         (dict(model__lm__seq_len=5), r"model.lm.seq_len=5: one image of 2×2 slots"),
         (dict(model__lm__tokenizer=os.fspath(tmp_path)), r"no tokenizer.json there"),
         # a document longer than a row: an error from the first batch, before the workdir exists
-        (dict(model__lm__seq_len=40), r"tokens > row length 40"),
+        (dict(model__lm__seq_len=40), r"model.lm.seq_len=40: a '\w+' document of the corpus does not fit a row"),
     ]
     for fields, match in cases:
         with pytest.raises((ValueError, FileNotFoundError), match=match):

@@ -182,7 +182,12 @@ class LMLayout:
 
     def __call__(self, document, rng) -> dict[str, np.ndarray]:
         del rng
-        doc = pretzel.layout_document(self.config, document_items(document, self.config.grid), encode=self.encode)
+        try:
+            doc = pretzel.layout_document(self.config, document_items(document, self.config.grid),
+                                          encode=self.encode)
+        except ValueError as error:
+            raise ValueError(f"model.lm.seq_len={self.config.seq_len}: a {document.kind!r} document of the corpus "
+                             f"does not fit a row: {error}") from error
         return {k: doc[k] for k in ("tokens", "positions", "text_loss", "image_index", "image_target")}
 
 
