@@ -5,7 +5,7 @@
     starflow2 convert to-hf --workdir RUN --out DIR
 
 ``to-hf`` exports an 'lm' run (configs/lm.py: the digits demo's "pretrained VLM") as a Hugging Face
-Qwen2.5-VL directory with its tokenizer (``train.tasks.lm_export``), which
+Qwen2.5-VL directory with its tokenizer (``train.lm_export``), which
 ``model.starflow2.vlm_checkpoint`` may name; the output appears only when complete.
 
 ``from-hf`` reads a Hugging Face Qwen2.5-VL directory (``convert.load_hf_qwen2_5_vl``) and writes an
@@ -92,7 +92,7 @@ def _to_hf(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         return fail(where, f"--out {str(out)!r} exists and is not an empty directory; expected a new or empty one")
-    from starflow2_jax.train.tasks.lm_export import export_lm_run
+    from starflow2_jax.train.lm_export import export_lm_run
 
     try:
         summary = export_lm_run(args.workdir, out)

@@ -1,4 +1,4 @@
-"""`starflow2 convert to-hf` (train.tasks.lm_export): an 'lm' run → a Hugging Face Qwen2.5-VL directory.
+"""`starflow2 convert to-hf` (train.lm_export): an 'lm' run → a Hugging Face Qwen2.5-VL directory.
 
 Oracles: transformers' PyTorch ``Qwen2_5_VLForConditionalGeneration`` and ``AutoTokenizer`` loading the
 export; the run's restored parameters for the round trip through ``convert.load_hf_qwen2_5_vl``; a
@@ -115,7 +115,7 @@ def test_bad_input_clear_error_and_nothing_written(run, capsys):
     assert "exists and is not an empty directory" in capsys.readouterr().err
     assert sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
     with pytest.raises(FileExistsError):
-        from starflow2_jax.train.tasks.lm_export import export_lm_run
+        from starflow2_jax.train.lm_export import export_lm_run
 
         export_lm_run(run["workdir"], busy)
     # a workdir without a checkpoint

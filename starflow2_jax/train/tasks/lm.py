@@ -3,7 +3,7 @@
 The digits demo needs a "pretrained VLM" that stands in for Qwen2.5-VL-7B: this family trains the
 text decoder (``vlm.QwenTextModel``) on the demo corpus (``data.demo_text``), tokenised by the demo
 tokenizer (``data.demo_tokenizer``), and ``starflow2 convert to-hf`` exports the run as a Hugging Face
-Qwen2.5-VL checkpoint (``train.tasks.lm_export``) that ``configs/starflow2.py`` loads as its frozen VLM.
+Qwen2.5-VL checkpoint (``train.lm_export``) that ``configs/starflow2.py`` loads as its frozen VLM.
 
 Sequences are exactly what the frozen VLM reads in STARFlow2's stage 1: each document goes through
 ``pretzel.layout_document`` (chat documents through ``pretzel.chat_items``), so an image is
