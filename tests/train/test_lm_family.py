@@ -135,3 +135,12 @@ def test_demo_preset_is_the_starflow2_demo_vlm():
     side = sf2.model.starflow2.latent.image_size // sf2.model.starflow2.latent.patch
     assert list(config.model.lm.grid) == [side, side]
     assert dt.MAX_INTERLEAVED_IMAGES * (side * side + 2) < config.model.lm.seq_len
+
+
+def test_example_batch_has_the_pipeline_format():
+    """``example_batch`` (what `starflow2 aot` lowers the step with) matches a batch of the real pipeline."""
+    config = resolve_config(_config())
+    task = lm.LMTask.from_config(config)
+    real = task.prepare_batch(next(iter(lm.make_train_data(config, ""))))
+    example = task.prepare_batch(task.example_batch(int(config.data.batch_size)))
+    assert {k: (v.shape, v.dtype) for k, v in example.items()} == {k: (v.shape, v.dtype) for k, v in real.items()}

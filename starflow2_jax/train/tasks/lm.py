@@ -224,12 +224,13 @@ class LMTask(TaskBase):
 
     rules = VLM_RULES
 
-    def __init__(self, vlm_config: QwenTextConfig):
+    def __init__(self, vlm_config: QwenTextConfig, seq_len: int = 256):
         self.vlm_config = vlm_config.validate()
+        self.seq_len = int(seq_len)
 
     @classmethod
     def from_config(cls, config) -> "LMTask":
-        return cls(vlm_config_from(config.model.lm))
+        return cls(vlm_config_from(config.model.lm), int(config.model.lm.seq_len))
 
     def init(self, rng):
         from starflow2_jax.vlm.model import text_init_boxed
@@ -279,8 +280,9 @@ class LMTask(TaskBase):
         nll, mask, _ = self._terms(params, batch)
         return {"ntp_loss": jnp.sum(nll, axis=1) / jnp.sum(mask, axis=1)}
 
-    def example_batch(self, batch_size: int, length: int = 64) -> dict:
-        """A zero packed batch of ``batch_size`` rows (for ``starflow2 aot``)."""
+    def example_batch(self, batch_size: int) -> dict:
+        """A zero packed batch of ``batch_size`` rows of ``model.lm.seq_len`` (for ``starflow2 aot``)."""
+        length = self.seq_len
         return dict(tokens=np.zeros((batch_size, length), np.int32),
                     positions=np.zeros((batch_size, length, 3), np.int32),
                     text_loss=np.ones((batch_size, length), bool), segment_ids=np.ones((batch_size, length), np.int32))
