@@ -12,8 +12,17 @@ Presets (``arg`` = ``size[,runlocal]``):
 - ``tiny``: pretzel.tiny's VLM (width 64, 2 layers), images of 2×2 slots (configs/starflow2.py:tiny's
   4×4 patches of 8×8 digits); tests.
 - ``demo`` (default): configs/starflow2.py:demo's VLM (width 128, 4 layers), images of 8×8 slots (its
-  4×4 patches of 32×32 digits), rows of 384 positions, batches of 4 rows, 200 steps.
+  4×4 patches of 32×32 digits), rows of 384 positions, batches of 4 rows, 600 steps.
 - ``runlocal`` shrinks either to a few steps (checkpoints every 2).
+
+Measured (demo, 2 shared CPU cores under a load of 8–10, ``nice -n 19``): 600 steps in 5 min 48 s of
+wall time, 238 CPU seconds for the whole command (≈ 2 minutes on two idle cores); loss (nats per trained
+token) / next-token accuracy 3.12 / 0.42 at step 20, 0.46 / 0.84 at 100, 0.39 / 0.85 at 200, 0.29 / 0.88
+at 400, 0.26 / 0.89 at 600. Greedy probes at step 600: every "draw the digit …" opens an image, "Draw the
+next digit." too; counting sentences continue correctly (7/7), "What number comes after …?" 5/9, "Count
+by twos from two to eight, drawing each number." gives two, four, six, eight with an image after each
+(the other two scored prompts: right start and order, stop after two images); sums are not learnt
+(7/100). At 200 steps the loss is 0.36 but only the structure is learnt (counting 5/7, after 1/9).
 
 The sizes and marker ids come from ``train.tasks.lm.vlm_fields`` (the ids from the demo tokenizer), the
 one place configs/starflow2.py's demo VLM is described too. **[choice]** steps, learning rate, batch.
@@ -48,10 +57,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.weight_decay = 1e-4
     c.optim.clip_norm = 1.0
     c.optim.ema_decay = 0.0
-    c.train.steps = 200
+    c.train.steps = 300 if size == "tiny" else 600
     c.train.log_every = 20
     c.train.sample_every = 0
-    c.train.checkpoint_every = 100
+    c.train.checkpoint_every = 200
     c.mesh.data, c.mesh.fsdp = -1, 1
     if "runlocal" in modifiers:
         c.train.steps = 4
