@@ -144,3 +144,16 @@ def test_example_batch_has_the_pipeline_format():
     real = task.prepare_batch(next(iter(lm.make_train_data(config, ""))))
     example = task.prepare_batch(task.example_batch(int(config.data.batch_size)))
     assert {k: (v.shape, v.dtype) for k, v in example.items()} == {k: (v.shape, v.dtype) for k, v in real.items()}
+
+
+def test_corpus_summary_counts_the_rows_tokens():
+    """The logged summary's token count is what the layout gives each document (the packer's input)."""
+    config = resolve_config(_config())
+    s = config.model.lm
+    summary = lm.corpus_summary(config)
+    tokenizer = lm.tokenizer_of(s)
+    layout = lm.LMLayout(lm.layout_config(lm.vlm_config_from(s), s.grid, 2048),
+                         lambda t: tokenizer.encode(t, add_special_tokens=False).ids)
+    documents = lm.corpus(int(s.corpus_seed), int(s.corpus_documents))
+    assert summary["tokens"] == sum(len(layout(d, None)["tokens"]) for d in documents)
+    assert summary["documents"] == 300 and summary["vocab_size"] == 256

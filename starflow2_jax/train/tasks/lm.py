@@ -36,11 +36,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from starflow2_jax import pretzel
 from starflow2_jax.fae.latent_space import PatchesSpace
@@ -356,7 +358,22 @@ def _train_data(config, workdir: str):
     trainer writes anything)."""
     data = make_train_data(config, workdir)
     next(iter(data))
+    logging.info("corpus: %s", json.dumps(corpus_summary(config)))
     return data
+
+
+def corpus_summary(config) -> dict:
+    """``demo_text.corpus_summary`` of the run's corpus with its tokenizer (tokens at ``model.lm.grid``'s
+    slots per image) plus ``vocab_size``: what the trainer logs and the demo prints."""
+    from starflow2_jax.data.demo_text import corpus_summary as summary
+
+    s = config.model.lm
+    tokenizer = tokenizer_of(s)
+    out = summary(corpus(int(s.corpus_seed), int(s.corpus_documents)),
+                  encode=lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
+                  num_slots=int(s.grid[0]) * int(s.grid[1]))
+    out["vocab_size"] = tokenizer.get_vocab_size(with_added_tokens=True)
+    return out
 
 
 def _next_steps(config, workdir: str) -> str:
