@@ -28,7 +28,8 @@ Config (``model.lm``):
 
 Loss: mean −log p of the trained next tokens (``pretzel.losses.token_nll``); metrics ``accuracy``
 (arg-max next-token accuracy) and ``tokens`` (trained tokens per batch). ``eval_step`` gives per-row
-``ntp_loss``. The family draws no images (``train.sample_every`` must be 0).
+``ntp_loss``. The family draws no images (``train.sample_every`` must be 0). At the start the trainer
+logs ``corpus_summary`` (documents per kind, images, words, tokens, vocabulary size).
 """
 
 from __future__ import annotations
