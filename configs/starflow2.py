@@ -11,7 +11,9 @@ Presets (``arg`` = ``size,stage[,runlocal]``):
 - ``tiny`` (default): ``pretzel.tiny`` — a random 2-layer VLM of width 64 (vocabulary: UTF-8 bytes),
   the embedded digits (8×8 grey) as 4×4 patches (N = 4 slots of D = 16), flows of width 32; rows of
   64 positions. Tests and a laptop CPU.
-- ``demo``: a random 4-layer VLM of width 128, the digits at 32×32 as 4×4 patches (N = 64 slots of
+- ``demo``: a random 4-layer VLM of width 128 (or the one ``configs/lm.py:demo`` trains and
+  ``starflow2 convert to-hf`` exports: ``--config.model.starflow2.vlm_checkpoint=DIR
+  --config.model.starflow2.tokenizer=''``), the digits at 32×32 as 4×4 patches (N = 64 slots of
   16), flows of width 128 (shallow 2 × 2, deep 4); rows of 256 positions with up to 2 images.
 - ``7b``: the paper's sizes — Qwen2.5-VL-7B-Instruct (``model.starflow2.vlm_checkpoint``: a Hugging Face
   directory; its config must be the 7B text decoder), the DINOv2-g/14 FAE's 16×16 × 32 latents of
@@ -33,6 +35,7 @@ import ml_collections
 
 from starflow2_jax.config_files import ConfigError, parse_preset
 from starflow2_jax.train.config_schema import base_config
+from starflow2_jax.train.tasks.lm import vlm_fields
 
 SIZES = ("tiny", "demo", "7b")
 STAGES = ("stage1", "stage2", "stage3")
@@ -80,10 +83,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         if size == "tiny":
             pass  # add_defaults holds pretzel.tiny's sizes
         else:
-            s.vlm = _vlm(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
-                         num_kv_heads=2, mrope_section=(4, 6, 6), image_token_id=252, video_token_id=253,
-                         vision_start_token_id=250, vision_end_token_id=251, bos_token_id=None,
-                         eos_token_ids=(255,), pad_token_id=0, max_position_embeddings=4096)
+            # the VLM configs/lm.py:demo trains (stage 0 of the digits demo); ids: the demo tokenizer's
+            s.vlm = _vlm(**vlm_fields("demo"))
             s.latent.image_size, s.latent.channels, s.latent.patch = 32, 1, 4
             s.flow_width, s.flow_head_dim = 128, 32
             s.shallow_blocks, s.shallow_layers, s.deep_layers = 2, 2, 4

@@ -2,6 +2,11 @@
 
     starflow2 convert from-hf --model-dir Qwen2.5-VL-7B-Instruct --out ckpt/qwen [--dtype bfloat16]
         [--mesh fsdp=-1]
+    starflow2 convert to-hf --workdir RUN --out DIR
+
+``to-hf`` exports an 'lm' run (configs/lm.py: the digits demo's "pretrained VLM") as a Hugging Face
+Qwen2.5-VL directory with its tokenizer (``train.lm_export``), which
+``model.starflow2.vlm_checkpoint`` may name; the output appears only when complete.
 
 ``from-hf`` reads a Hugging Face Qwen2.5-VL directory (``convert.load_hf_qwen2_5_vl``) and writes an
 Orbax checkpoint of the params with the config beside them (``vlm.save_checkpoint``; read back with
@@ -20,7 +25,8 @@ from pathlib import Path
 from starflow2_jax.cli.common import fail
 
 NAME = "convert"
-HELP = "convert checkpoints (from-hf: Hugging Face Qwen2.5-VL directory -> Orbax checkpoint)"
+HELP = ("convert checkpoints (from-hf: Hugging Face Qwen2.5-VL directory -> Orbax checkpoint; to-hf: an 'lm' run "
+        "-> Hugging Face Qwen2.5-VL directory)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hf.add_argument("--mesh", default=None,
                     help="place parameters sharded while converting, e.g. 'fsdp=-1' or 'data=1,fsdp=4,tensor=2' "
                          "(default: one device)")
+    to_hf = sub.add_parser("to-hf", help="an 'lm' run (configs/lm.py) -> Hugging Face Qwen2.5-VL directory + tokenizer",
+                           description="an 'lm' run (configs/lm.py) -> Hugging Face Qwen2.5-VL directory + tokenizer")
+    to_hf.add_argument("--workdir", required=True, help="the 'lm' run (its latest complete step is exported)")
+    to_hf.add_argument("--out", required=True, help="directory to create (must not exist or be empty)")
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -77,7 +87,24 @@ def _from_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _to_hf(args: argparse.Namespace) -> int:
+    where = "convert to-hf"
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        return fail(where, f"--out {str(out)!r} exists and is not an empty directory; expected a new or empty one")
+    from starflow2_jax.train.lm_export import export_lm_run
+
+    try:
+        summary = export_lm_run(args.workdir, out)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        return fail(where, error)
+    print(json.dumps(summary))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.convert_command == "from-hf":
         return _from_hf(args)
+    if args.convert_command == "to-hf":
+        return _to_hf(args)
     raise ValueError(f"unknown conversion {args.convert_command!r}")

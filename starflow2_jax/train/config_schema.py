@@ -11,7 +11,8 @@ for reference; their definitions live in ``train.tasks.flow`` / ``train.tasks.fa
     seed                      int; parameter init, the train rng and the data pipeline's seed
     model.family              a registered family: 'flow' (TarFlow / STARFlow, model.flow.*) | 'fae' (an FAE
                               stage, model.fae.*) | 'starflow2' (a Pretzel stage, model.starflow2.*: see
-                              train.tasks.starflow2) (see train.families)
+                              train.tasks.starflow2) | 'lm' (a Qwen2.5-VL text decoder trained by next-token
+                              prediction on the demo corpus, model.lm.*: see train.tasks.lm) (see train.families)
     model.flow.factory        'starflow' | 'tarflow': ``flow.starflow_config`` / ``flow.tarflow_config``
     model.flow.kwargs         dict of keyword arguments for the factory (for conditioning 'caption'
                               the trainer adds txt_size / txt_dim from model.text)

@@ -16,6 +16,7 @@ BUILTIN = {
     "flow": "starflow2_jax.train.tasks.flow",
     "fae": "starflow2_jax.train.tasks.fae",
     "starflow2": "starflow2_jax.train.tasks.starflow2",
+    "lm": "starflow2_jax.train.tasks.lm",
 }
 _REGISTERED: dict[str, Family] = {}
 

@@ -160,7 +160,8 @@ def test_toy_family_is_found_by_name_and_validates_its_section():
         from starflow2_jax.train import validate as validate_config
 
         validate_config(toy_config(**{"model.toy.hidden": 0}))
-    with pytest.raises(ValueError, match=r"model\.family='nope': expected one of \('flow', 'fae', 'starflow2', 'toy'\)"):
+    with pytest.raises(ValueError,
+                       match=r"model\.family='nope': expected one of \('flow', 'fae', 'starflow2', 'lm', 'toy'\)"):
         families.get("nope")
 
 

@@ -1,0 +1,387 @@
+"""``LMTask``: a Qwen2.5-VL text decoder trained from scratch by next-token prediction (the demo's stage 0).
+
+The digits demo needs a "pretrained VLM" that stands in for Qwen2.5-VL-7B: this family trains the
+text decoder (``vlm.QwenTextModel``) on the demo corpus (``data.demo_text``), tokenised by the demo
+tokenizer (``data.demo_tokenizer``), and ``starflow2 convert to-hf`` exports the run as a Hugging Face
+Qwen2.5-VL checkpoint (``train.lm_export``) that ``configs/starflow2.py`` loads as its frozen VLM.
+
+Sequences are exactly what the frozen VLM reads in STARFlow2's stage 1: each document goes through
+``pretzel.layout_document`` (chat documents through ``pretzel.chat_items``), so an image is
+``<|vision_start|>``, N ``<|image_pad|>`` slots on an h×w grid of 3D positions (``model.lm.grid``),
+``<|vision_end|>``, and the trained positions are the layout's ``text_loss``: every text token, and the
+``<|vision_start|>`` of each image (the model learns where images go); slots never predict. Documents
+are packed into rows of ``model.lm.seq_len`` (``data.packing``; attention stays within a document).
+
+Config (``model.lm``):
+
+    vlm               dict of vlm.QwenTextConfig fields (default: pretzel.tiny's VLM); its marker ids
+                      must be the tokenizer's (checked by ``resolve``)
+    vision            dict of vlm.QwenVisionConfig fields of the tower the export writes, as initialised
+                      (the LM never trains it); out_hidden_size 0 = the text width
+    tokenizer         'demo' (trained on the corpus at every start, deterministically) or a directory
+                      with a Hugging Face tokenizer.json
+    tokenizer_sha256  filled by ``resolve``: the SHA-256 of the tokenizer's JSON, checked by the export
+    grid              [h, w]: the slot grid of one image (N = h·w slots; the demo: 8×8)
+    corpus_seed, corpus_documents   the corpus (``demo_text.demo_corpus``)
+    seq_len, packing_bins           packed rows
+    dtype, remat      compute dtype and remat policy of the decoder
+
+Loss: mean −log p of the trained next tokens (``pretzel.losses.token_nll``); metrics ``accuracy``
+(arg-max next-token accuracy) and ``tokens`` (trained tokens per batch). ``eval_step`` gives per-row
+``ntp_loss``. The family draws no images (``train.sample_every`` must be 0). At the start the trainer
+logs ``corpus_summary`` (documents per kind, images, words, tokens, vocabulary size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from starflow2_jax import pretzel
+from starflow2_jax.fae.latent_space import PatchesSpace
+from starflow2_jax.parallel import VLM_RULES
+from starflow2_jax.pretzel.losses import token_nll
+from starflow2_jax.train import config_fields as fields
+from starflow2_jax.train.family import Family
+from starflow2_jax.train.task import TaskBase
+from starflow2_jax.vlm.config import QwenTextConfig, QwenVisionConfig
+from starflow2_jax.vlm.text import QwenTextModel
+
+BATCH_KEYS = ("tokens", "positions", "text_loss", "segment_ids")
+MARKER_FIELDS = {"<|image_pad|>": "image_token_id", "<|video_pad|>": "video_token_id",
+                 "<|vision_start|>": "vision_start_token_id", "<|vision_end|>": "vision_end_token_id"}
+# the tower the export writes (never trained): as small as a valid Qwen2.5-VL tower gets
+TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=0, patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0])
+
+
+SIZES = ("tiny", "demo")
+
+
+def vlm_fields(size: str) -> dict:
+    """The text-decoder fields (``vlm.QwenTextConfig``, no dtype / remat) of the demo's VLM sizes, marker
+    ids from the demo tokenizer (``data.demo_tokenizer.vlm_token_fields``): 'tiny' — pretzel.tiny's
+    VLM (width 64, 2 layers) — and 'demo' — configs/starflow2.py:demo's (width 128, 4 layers of 4 heads
+    of 32, 2 KV heads, MLP 256)."""
+    from starflow2_jax.data.demo_tokenizer import vlm_token_fields
+
+    shared = dict(vlm_token_fields(), max_position_embeddings=4096)
+    if size == "tiny":
+        return dict(shared, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                    mrope_section=(2, 3, 3))
+    if size == "demo":
+        return dict(shared, hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+                    mrope_section=(4, 6, 6))
+    raise ValueError(f"demo VLM size {size!r}: expected one of {SIZES}")
+
+
+# ---- config → model, tokenizer, corpus ---------------------------------------------------------
+def vlm_config_from(section) -> QwenTextConfig:
+    """The ``QwenTextConfig`` of ``model.lm`` (its ``vlm`` fields, ``dtype``, ``remat``)."""
+    values = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in dict(section.vlm).items()}
+    values.update(dtype=section.dtype, remat=section.remat)
+    try:
+        return QwenTextConfig(**values).validate()
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"model.lm.vlm={dict(section.vlm)}: {error}") from error
+
+
+def vision_config_from(section) -> QwenVisionConfig:
+    """The ``QwenVisionConfig`` the export writes (``model.lm.vision``; out_hidden_size 0 → the text width)."""
+    values = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in dict(section.vision).items()}
+    if not values.get("out_hidden_size"):
+        values["out_hidden_size"] = int(section.vlm.hidden_size)
+    try:
+        return QwenVisionConfig(**values)
+    except TypeError as error:
+        raise ValueError(f"model.lm.vision={dict(section.vision)}: {error}") from error
+
+
+def layout_config(vlm_config: QwenTextConfig, grid, seq_len: int) -> pretzel.PretzelConfig:
+    """A ``PretzelConfig`` whose layout is the LM's: the VLM, an image of h×w slots (a 1-channel
+    h×w 'image' as 1×1 patches: the LM never reads pixels) and rows of ``seq_len``."""
+    gh, gw = (int(g) for g in grid)
+    return pretzel.PretzelConfig(vlm=vlm_config, latent=PatchesSpace(gh, gw, 1, 1), seq_len=int(seq_len),
+                                 max_images=max(1, int(seq_len) // (gh * gw + 2))).validate()
+
+
+@functools.lru_cache(maxsize=4)
+def corpus(seed: int, documents: int) -> tuple:
+    """The demo corpus of ``model.lm.corpus_seed`` / ``corpus_documents`` (cached per process)."""
+    from starflow2_jax.data.demo_text import demo_corpus
+
+    return tuple(demo_corpus(int(seed), int(documents)))
+
+
+@functools.lru_cache(maxsize=4)
+def _demo_tokenizer(seed: int, documents: int):
+    from starflow2_jax.data.demo_tokenizer import demo_tokenizer
+
+    return demo_tokenizer(corpus(seed, documents))
+
+
+def tokenizer_of(section):
+    """The ``tokenizers.Tokenizer`` of ``model.lm.tokenizer`` ('demo': trained on the corpus)."""
+    if section.tokenizer == "demo":
+        return _demo_tokenizer(int(section.corpus_seed), int(section.corpus_documents))
+    import os
+
+    import tokenizers
+
+    path = os.path.join(section.tokenizer, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model.lm.tokenizer={section.tokenizer!r}: no tokenizer.json there (expected "
+                                f"'demo' or a Hugging Face tokenizer directory)")
+    return tokenizers.Tokenizer.from_file(path)
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """The SHA-256 (hex) of the tokenizer's JSON serialisation."""
+    return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
+
+
+def special_ids(vlm_config: QwenTextConfig) -> dict[str, int]:
+    """Marker → the id the VLM config gives it (``<|im_end|>`` = the first EOS, ``<|endoftext|>`` = padding)."""
+    ids = {name: getattr(vlm_config, field) for name, field in MARKER_FIELDS.items()}
+    if vlm_config.eos_token_ids:
+        ids["<|im_end|>"] = vlm_config.eos_token_ids[0]
+    if vlm_config.pad_token_id is not None:
+        ids["<|endoftext|>"] = vlm_config.pad_token_id
+    return ids
+
+
+def document_items(document, grid) -> list:
+    """A ``demo_text.DemoDocument`` as ``pretzel.layout_document`` items: text trained, images zero
+    placeholders (targets: the model learns to open them), chat documents in the chat template."""
+    from starflow2_jax.data.demo_text import DigitImage
+
+    gh, gw = (int(g) for g in grid)
+
+    def item(x):
+        return pretzel.Image(np.zeros((gh, gw, 1), np.float32)) if isinstance(x, DigitImage) else pretzel.Text(x)
+
+    if not document.chat:
+        return [item(x) for _, items in document.turns for x in items]
+    chat = pretzel.chat_items([(role, [item(x) for x in items]) for role, items in document.turns])
+    # pretraining: every token is read and predicted, the system and user turns included
+    return [dataclasses.replace(i, loss=True) if isinstance(i, pretzel.Text) else
+            dataclasses.replace(i, target=True) for i in chat]
+
+
+@dataclasses.dataclass
+class LMLayout:
+    """A corpus document → the per-token arrays the packer takes (grain random-map transform)."""
+
+    config: pretzel.PretzelConfig
+    encode: object
+
+    def __call__(self, document, rng) -> dict[str, np.ndarray]:
+        del rng
+        try:
+            doc = pretzel.layout_document(self.config, document_items(document, self.config.grid),
+                                          encode=self.encode)
+        except ValueError as error:
+            raise ValueError(f"model.lm.seq_len={self.config.seq_len}: a {document.kind!r} document of the corpus "
+                             f"does not fit a row: {error}") from error
+        return {k: doc[k] for k in ("tokens", "positions", "text_loss", "image_index", "image_target")}
+
+
+def packing_spec(pcfg: pretzel.PretzelConfig, bins: int):
+    """The LM's rows: tokens, 3D positions, loss mask (pads: token 0, no loss) and the images' index."""
+    from starflow2_jax.data.packing import PackingSpec
+
+    return PackingSpec(length=pcfg.seq_len, max_images=pcfg.max_images,
+                       token_fields=dict(tokens=0, positions=0, text_loss=False, image_index=-1),
+                       image_fields=dict(image_target=False), bins=int(bins))
+
+
+def make_train_data(config, workdir: str):
+    """This process's endless, shuffled stream of batches of packed LM rows (``BATCH_KEYS`` and more)."""
+    del workdir  # the corpus lives in memory
+    from starflow2_jax.data.pipeline import make_packed_pipeline
+
+    s = config.model.lm
+    pcfg = layout_config(vlm_config_from(s), s.grid, int(s.seq_len))
+    tokenizer = tokenizer_of(s)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    return make_packed_pipeline(list(corpus(int(s.corpus_seed), int(s.corpus_documents))),
+                                spec=packing_spec(pcfg, int(s.packing_bins)), batch_size=int(config.data.batch_size),
+                                seed=int(config.seed), shuffle=True, preprocess=LMLayout(pcfg, encode),
+                                num_epochs=None, drop_remainder=True, worker_count=int(config.data.worker_count))
+
+
+# ---- the task ----------------------------------------------------------------------------------
+class LMTask(TaskBase):
+    """A ``Task`` (see ``train.task``): next-token prediction with the Qwen2.5-VL text decoder."""
+
+    rules = VLM_RULES
+
+    def __init__(self, vlm_config: QwenTextConfig, seq_len: int = 256):
+        self.vlm_config = vlm_config.validate()
+        self.seq_len = int(seq_len)
+
+    @classmethod
+    def from_config(cls, config) -> "LMTask":
+        return cls(vlm_config_from(config.model.lm), int(config.model.lm.seq_len))
+
+    def init(self, rng):
+        from starflow2_jax.vlm.model import text_init_boxed
+
+        return text_init_boxed(self.vlm_config, rng)["params"], {}
+
+    def prepare_batch(self, batch):
+        missing = [k for k in BATCH_KEYS if k not in batch]
+        if missing:
+            raise ValueError(f"batch lacks {missing} (fields: {sorted(batch)}); expected packed LM rows "
+                             f"(train.tasks.lm.make_train_data)")
+        out = {k: np.asarray(batch[k]) for k in BATCH_KEYS}
+        tokens = out["tokens"]
+        if tokens.ndim != 2 or out["positions"].shape != tokens.shape + (3,):
+            raise ValueError(f"tokens {tokens.shape} and positions {out['positions'].shape}: expected (B, L) and "
+                             f"(B, L, 3)")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vlm_config.vocab_size):
+            raise ValueError(f"token ids in [{tokens.min()}, {tokens.max()}] fall outside the vocabulary "
+                             f"[0, {self.vlm_config.vocab_size})")
+        return out
+
+    def _terms(self, params, batch):
+        """(B, L) −log p of each trained next token, its mask and whether the arg-max was right."""
+        model = QwenTextModel(self.vlm_config)
+        variables = {"params": params}
+        positions = jnp.moveaxis(batch["positions"], -1, 0)  # (3, B, L)
+        hidden = model.apply(variables, batch["tokens"], position_ids=positions, segment_ids=batch["segment_ids"],
+                             method=QwenTextModel.hidden_states)
+        logits = model.apply(variables, hidden, method=QwenTextModel.logits)  # (B, L, V) float32
+        mask = batch["text_loss"].astype(bool)
+        nll = token_nll(logits, batch["tokens"], mask)
+        nxt = jnp.concatenate([batch["tokens"][:, 1:], jnp.zeros_like(batch["tokens"][:, :1])], axis=1)
+        right = mask & (jnp.argmax(logits, axis=-1) == nxt)
+        return nll, mask, right
+
+    def loss(self, params, extra, batch, rng):
+        del extra, rng
+        nll, mask, right = self._terms(params, batch)
+        count = jnp.sum(mask)
+        denom = jnp.maximum(count, 1).astype(jnp.float32)
+        loss = jnp.sum(nll) / denom
+        return loss, {"loss": loss, "accuracy": jnp.sum(right) / denom, "tokens": count.astype(jnp.float32)}
+
+    def eval_step(self, params, extra, batch, rng):
+        """Per row: 'ntp_loss', the mean −log p of its trained tokens (NaN where it has none)."""
+        del extra, rng
+        nll, mask, _ = self._terms(params, batch)
+        return {"ntp_loss": jnp.sum(nll, axis=1) / jnp.sum(mask, axis=1)}
+
+    def example_batch(self, batch_size: int) -> dict:
+        """A zero packed batch of ``batch_size`` rows of ``model.lm.seq_len`` (for ``starflow2 aot``)."""
+        length = self.seq_len
+        return dict(tokens=np.zeros((batch_size, length), np.int32),
+                    positions=np.zeros((batch_size, length, 3), np.int32),
+                    text_loss=np.ones((batch_size, length), bool), segment_ids=np.ones((batch_size, length), np.int32))
+
+
+# ---- the 'lm' family ---------------------------------------------------------------------------
+def add_defaults(config: ml_collections.ConfigDict) -> None:
+    """The ``model.lm`` section (pretzel.tiny's VLM, the demo tokenizer, 2×2 slots, rows of 256)."""
+    vlm = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(pretzel.tiny().vlm).items()
+           if k not in ("dtype", "remat")}
+    config.model.lm = ml_collections.ConfigDict(dict(
+        vlm=ml_collections.ConfigDict(vlm), vision=ml_collections.ConfigDict(TINY_VISION), tokenizer="demo",
+        tokenizer_sha256="", grid=[2, 2], corpus_seed=0, corpus_documents=4000, seq_len=256, packing_bins=16,
+        dtype="float32", remat="none"))
+
+
+def validate(config) -> None:
+    """Checks ``model.lm``; ValueError naming the field."""
+    p = "model.lm"
+    fields.dict_field(config, f"{p}.vlm", "a dict of vlm.QwenTextConfig fields")
+    fields.dict_field(config, f"{p}.vision", "a dict of vlm.QwenVisionConfig fields")
+    fields.string_field(config, f"{p}.tokenizer", "'demo' or a Hugging Face tokenizer directory")
+    fields.string_field(config, f"{p}.tokenizer_sha256", "'' (filled by the trainer) or a hex digest")
+    grid = fields.get(config, f"{p}.grid")
+    if isinstance(grid, str) or len(grid) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0
+                                                          for g in grid):
+        raise ValueError(f"{p}.grid={grid!r}: expected [h, w], two positive ints (the slot grid of an image)")
+    fields.int_field(config, f"{p}.corpus_seed", 0)
+    fields.int_field(config, f"{p}.corpus_documents", 7)
+    fields.int_field(config, f"{p}.seq_len", 1)
+    fields.int_field(config, f"{p}.packing_bins", 1)
+    fields.choice(config, f"{p}.dtype", fields.DTYPES)
+    fields.choice(config, f"{p}.remat", fields.REMAT)
+    if fields.int_field(config, "train.sample_every", 0):
+        raise ValueError(f"train.sample_every={config.train.sample_every}: the 'lm' family draws no sample grids; "
+                         f"expected 0")
+    vlm_config_from(config.model.lm)
+    per_image = grid[0] * grid[1] + 2
+    if per_image > config.model.lm.seq_len:
+        raise ValueError(f"{p}.seq_len={config.model.lm.seq_len}: one image of {grid[0]}×{grid[1]} slots (+2 "
+                         f"markers) does not fit a row")
+    vision_config_from(config.model.lm)
+
+
+def resolve(config) -> None:
+    """Checks the tokenizer against the VLM config (every marker at the id ``model.lm.vlm`` gives it, the
+    vocabulary no larger than the model's) and records its SHA-256 in ``model.lm.tokenizer_sha256``
+    (a resume with another tokenizer is then a config mismatch). Idempotent."""
+    s = config.model.lm
+    vlm_config = vlm_config_from(s)
+    tokenizer = tokenizer_of(s)
+    wrong = {name: (tokenizer.token_to_id(name), want) for name, want in special_ids(vlm_config).items()
+             if tokenizer.token_to_id(name) != want}
+    if wrong:
+        raise ValueError(f"model.lm.tokenizer={s.tokenizer!r} does not fit model.lm.vlm: " + ", ".join(
+            f"{name} is id {have} there, the config says {want}" for name, (have, want) in wrong.items()))
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > vlm_config.vocab_size:
+        raise ValueError(f"model.lm.tokenizer={s.tokenizer!r} has {size} ids; model.lm.vlm.vocab_size="
+                         f"{vlm_config.vocab_size} is smaller")
+    digest = tokenizer_sha256(tokenizer)
+    if s.tokenizer_sha256 and s.tokenizer_sha256 != digest:
+        raise ValueError(f"model.lm.tokenizer_sha256={s.tokenizer_sha256!r}, but the tokenizer "
+                         f"{s.tokenizer!r} gives {digest!r} (another tokenizer, or a tokenizers version that "
+                         f"trains the demo tokenizer differently)")
+    s.tokenizer_sha256 = digest
+
+
+def _train_data(config, workdir: str):
+    """The packed rows, after reading one batch (a document longer than a row is an error before the
+    trainer writes anything)."""
+    data = make_train_data(config, workdir)
+    next(iter(data))
+    logging.info("corpus: %s", json.dumps(corpus_summary(config)))
+    return data
+
+
+def corpus_summary(config) -> dict:
+    """``demo_text.corpus_summary`` of the run's corpus with its tokenizer (tokens at ``model.lm.grid``'s
+    slots per image) plus ``vocab_size``: what the trainer logs and the demo prints."""
+    from starflow2_jax.data.demo_text import corpus_summary as summary
+
+    s = config.model.lm
+    tokenizer = tokenizer_of(s)
+    out = summary(corpus(int(s.corpus_seed), int(s.corpus_documents)),
+                  encode=lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
+                  num_slots=int(s.grid[0]) * int(s.grid[1]))
+    out["vocab_size"] = tokenizer.get_vocab_size(with_added_tokens=True)
+    return out
+
+
+def _next_steps(config, workdir: str) -> str:
+    del config
+    return (f"  export it: starflow2 convert to-hf --workdir {workdir} --out DIR\n"
+            f"  then: --config.model.starflow2.vlm_checkpoint=DIR (its tokenizer comes along)")
+
+
+FAMILY = Family(name="lm", add_defaults=add_defaults, validate=validate, make_task=LMTask.from_config,
+                resolve=resolve, next_steps=_next_steps, train_data=_train_data)
