@@ -61,7 +61,7 @@ LATENT_KINDS = ("patches", "fae")
 PAIRS = ("t2i", "i2t", "mixed")  # an image–text pair as caption → image, image → caption, or either at random
 FLOW_FIELDS = ("flow_width", "flow_head_dim", "flow_mlp_ratio", "shallow_blocks", "shallow_layers", "deep_layers",
                "soft_clip", "flow_rope_theta", "adapter", "adapter_hidden", "vlm_to_flow", "flow_to_lm", "ntp_weight",
-               "caption_dropout", "latent_noise", "seq_len", "max_images", "dtype", "remat")
+               "caption_dropout", "latent_noise", "seq_len", "max_images", "dtype", "remat", "lm_chunk")
 BATCH_KEYS = pmodel.BATCH_FIELDS + pmodel.LOSS_FIELDS + ("images",)
 
 
@@ -270,7 +270,7 @@ def add_defaults(config: ml_collections.ConfigDict) -> None:
         soft_clip=tiny.soft_clip, flow_rope_theta=tiny.flow_rope_theta, deep_mrope_section=[],
         adapter=False, adapter_hidden=0, vlm_to_flow=False, flow_to_lm=False, ntp_weight=1.0,
         caption_dropout=0.1, latent_noise=0.0, seq_len=tiny.seq_len, max_images=tiny.max_images,
-        dtype="float32", remat="none", packing_bins=16, overflow="error", pairs="t2i"))
+        dtype="float32", remat="none", lm_chunk=tiny.lm_chunk, packing_bins=16, overflow="error", pairs="t2i"))
 
 
 def validate(config) -> None:
@@ -291,7 +291,7 @@ def validate(config) -> None:
         raise ValueError(f"{p}.latent.fae_workdir is empty: latent.kind='fae' reads a trained FAE's workdir (or, "
                          f"for shapes only, a random FAE of the config in {p}.latent.fae)")
     for field in ("flow_width", "flow_head_dim", "shallow_blocks", "shallow_layers", "deep_layers", "seq_len",
-                  "packing_bins"):
+                  "packing_bins", "lm_chunk"):
         fields.int_field(config, f"{p}.{field}", 1)
     fields.int_field(config, f"{p}.max_images", 0)
     fields.int_field(config, f"{p}.adapter_hidden", 0)
