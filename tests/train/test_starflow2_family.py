@@ -1,7 +1,8 @@
 """The 'starflow2' family (configs/starflow2.py, train.tasks.starflow2*): the three stages through
 `starflow2 train` with init_from, frozen parts, the zero-init invariant on the trained chain, mesh
 equivalence, the 7b sizes from abstract shapes, bad input (clear error, nothing written),
-`starflow2 generate`, `starflow2 sample` and `starflow2 eval bpd` end to end. Tiny sizes; the chain runs once per module (2 steps per stage)."""
+`starflow2 generate`, `starflow2 sample` and `starflow2 eval bpd` end to end. Tiny sizes; the chain
+runs once per module (2 steps per stage)."""
 
 import json
 import os
