@@ -65,12 +65,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from starflow2_jax import atomic, pretzel, vlm
+from starflow2_jax import atomic, flow, pretzel, vlm
 from starflow2_jax.bench import common
 from starflow2_jax.fae.latent_space import PatchesSpace
-from starflow2_jax.pretzel import generate as gen
 from starflow2_jax.pretzel import layout
-from starflow2_jax.pretzel.model import Pretzel, _variables, create_caches
 
 PARAM_NOISE = 0.02
 PROMPT_TOKENS = 8
@@ -124,56 +122,21 @@ def prompt_ids(config: pretzel.PretzelConfig, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(3, config.vlm.vocab_size - 16, PROMPT_TOKENS).tolist()
 
 
-# ---- jitted pieces --------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("config", "guided", "block", "max_iters"))
-def _generate_image(config, params, vlm_params, state, eps, guidance, threshold, *, guided: bool, block: int,
-                    max_iters: int):
-    """The image segment from a prefilled state, then the shallow inversion → ``(latents (B, N, D), passes)``."""
-    _, u, passes = gen._image_segment(config, params, vlm_params, state, eps, guidance, threshold, guided=guided,
-                                      block=block, max_iters=max_iters)
-    return gen.invert_shallow(config, params, u), passes
-
-
-@functools.partial(jax.jit, static_argnames=("config", "guided"))
-def _feed_token(config, params, vlm_params, state, token, *, guided: bool):
-    """One text token (a scalar, e.g. ``<|vision_start|>``) into both caches at the next text position."""
-    rows = state.head.shape[0]
-    tokens = jnp.full((rows, 1), token, jnp.int32)
-    pos = jnp.broadcast_to(state.position, (rows, 1, 3))
-    state, _ = gen._feed(config, params, vlm_params, state, tokens, jnp.zeros((rows, 1, config.latent_dim)),
-                         jnp.zeros((rows, 1), bool), pos, guided)
-    return state.replace(position=state.position + 1)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "rows", "length", "guided"))
-def _reencode(config, params, vlm_params, tokens, slot, image_index, positions, latents, *, rows: int, length: int,
-              guided: bool):
-    """The re-encoding baseline's restart: fresh caches of ``length``, the shallow flows on every image's
-    latents (K, N, D) → u, then one teacher-forced pass of both streams over the document so far
-    (tokens (T,), slot, image_index, positions (T, 3)). Returns the generation ``State`` after it."""
-    n, d = config.num_slots, config.latent_dim
-    u, _ = Pretzel(config).apply(_variables(params, vlm_params), latents, method=Pretzel.shallow_forward)
-    rank = (jnp.cumsum(slot.astype(jnp.int32)) - 1) % n
-    u_tok = jnp.where(slot[:, None], u[jnp.maximum(image_index, 0), rank], 0.0)
-    tile = lambda a: jnp.broadcast_to(a[None], (rows,) + a.shape)  # noqa: E731
-    empty = gen.State(caches=create_caches(config, rows, length), key_mask=jnp.zeros((rows, length), bool),
-                      position=jnp.zeros((), jnp.int32), head=jnp.zeros((rows, 2 * d), jnp.float32),
-                      y_vlm=jnp.zeros((rows, config.vlm.hidden_size)), y_deep=jnp.zeros((rows, config.flow_width)))
-    state, _ = gen._feed(config, params, vlm_params, empty, tile(tokens), tile(u_tok), tile(slot), tile(positions),
-                         guided)
-    return state.replace(position=jnp.max(positions) + 1)
+# ---- jitted pieces (only ``pretzel``'s public segment API) -----------------------------------------
+@functools.partial(jax.jit, static_argnames=("config", "jacobi"))
+def _generate_image(config, params, vlm_params, state, eps, guidance, *, jacobi):
+    """The image segment from a prefilled state, then the shallow inversion → ``(latents (B, N, D), passes)``.
+    jacobi: None (sequential) or a ``flow.JacobiOptions`` (hashable: static)."""
+    _, u, passes = pretzel.image_segment(config, params, vlm_params, state, eps, guidance, jacobi=jacobi)
+    return pretzel.invert_shallow(config, params, u), passes
 
 
 # ---- generation -----------------------------------------------------------------------------------
-def _prefill(config, params, vlm_params, prompt: dict, rows: int, length: int, guided: bool):
-    return gen._prefill_prompt(config, params, vlm_params, {}, prompt, rows, length, guided)
-
-
 def bench_generation(config, params, vlm_params, *, batch: int, guidance: float, repeats: int, seed: int) -> dict:
     """Sequential and Jacobi image generation, unguided and guided (see the module docstring)."""
     n, d = config.num_slots, config.latent_dim
-    prompt = gen._append_vision_start(config, layout.layout_document(config, [prompt_ids(config, seed)]))
-    length = len(prompt["tokens"]) + n + 1
+    prompt = layout.layout_document(config, [prompt_ids(config, seed)])
+    length = len(prompt["tokens"]) + 1 + n + 1  # the prompt, <|vision_start|>, the slots, <|vision_end|>
     eps = jax.random.normal(jax.random.key(seed + 3), (batch, n, d), jnp.float32)
     block = min(16, n)
     while n % block:
@@ -181,13 +144,13 @@ def bench_generation(config, params, vlm_params, *, batch: int, guidance: float,
     out = {}
     for guided_value in (0.0, guidance):
         guided = guided_value != 0
-        state = _prefill(config, params, vlm_params, prompt, 2 * batch if guided else batch, length, guided)
+        state = pretzel.prefill(config, params, vlm_params, {}, prompt, length=length, num_samples=batch,
+                                guided=guided)
+        state = pretzel.feed_token(config, params, vlm_params, state, jnp.int32(config.vlm.vision_start_token_id))
         times = {}
-        for mode, (blk, iters, threshold) in (("sequential", (1, 1, 0.0)),
-                                               ("jacobi", (block, JACOBI["max_iters"], JACOBI["threshold"]))):
-            args = (config, params, vlm_params, state, eps, jnp.float32(guided_value), jnp.float32(threshold))
-            compiled, compile_s = common.compile_ahead(_generate_image, *args, guided=guided, block=blk,
-                                                       max_iters=iters)
+        for mode, jacobi in (("sequential", None), ("jacobi", flow.JacobiOptions(block_size=block, **JACOBI))):
+            args = (config, params, vlm_params, state, eps, jnp.float32(guided_value))
+            compiled, compile_s = common.compile_ahead(_generate_image, *args, jacobi=jacobi)
             passes = []
 
             def call():
@@ -234,33 +197,31 @@ def interleaved_run(config, params, vlm_params, *, images: int, text_tokens: int
     v = config.vlm
     n, d = config.num_slots, config.latent_dim
     guided = guidance != 0
-    rows = 2 if guided else 1
     prompt = prompt_ids(config, seed)
     length = length or document_length(config, images, text_tokens)
     if length < document_length(config, images, text_tokens):
         raise ValueError(f"caches of length {length} cannot hold a document of "
                          f"{document_length(config, images, text_tokens)} positions")
-    state = _prefill(config, params, vlm_params, layout.layout_document(config, [prompt]), rows, length, guided)
-    stops, pad = jnp.asarray((-1,), jnp.int32), jnp.int32(0)  # no stop token: every segment is text_tokens long
-    bias = jnp.zeros((v.vocab_size,), jnp.float32)
+    state = pretzel.prefill(config, params, vlm_params, {}, layout.layout_document(config, [prompt]), length=length,
+                            guided=guided)
     texts, latents = [], []
     for k in range(images + 1):
-        state, ids, _ = gen._text_segment(config, params, vlm_params, state, jax.random.key(seed), jnp.float32(1.0),
-                                          jnp.float32(1.0), stops, pad, jnp.int32(text_tokens), bias,
-                                          max_tokens=text_tokens, greedy=True, allow_images=False, guided=guided)
+        # greedy, no stop token: every segment is text_tokens long
+        state, ids, _ = pretzel.text_segment(config, params, vlm_params, state, jax.random.key(seed),
+                                             max_tokens=text_tokens, stop_tokens=())
         texts.append(ids)
         if k == images:
             break
-        state = _feed_token(config, params, vlm_params, state, jnp.int32(v.vision_start_token_id), guided=guided)
+        state = pretzel.feed_token(config, params, vlm_params, state, jnp.int32(v.vision_start_token_id))
         eps = jax.random.normal(jax.random.fold_in(jax.random.key(seed), k), (1, n, d), jnp.float32)
-        state, u, _ = gen._image_segment(config, params, vlm_params, state, eps, jnp.float32(guidance),
-                                         jnp.float32(0.0), guided=guided, block=1, max_iters=1)
-        latents.append(gen.invert_shallow(config, params, u)[0])
+        state, u, _ = pretzel.image_segment(config, params, vlm_params, state, eps, jnp.float32(guidance))
+        latents.append(pretzel.invert_shallow(config, params, u)[0])
         if reencode:
+            # the restart: fresh caches, the shallow flows on every image's latents, one teacher-forced pass
+            # of both streams over the document so far (each prefix length compiles once)
             doc = _document(config, prompt, [np.asarray(t)[0].tolist() for t in texts], k + 1)
-            state = _reencode(config, params, vlm_params, jnp.asarray(doc["tokens"]), jnp.asarray(doc["slot"]),
-                              jnp.asarray(doc["image_index"]), jnp.asarray(doc["positions"]), jnp.stack(latents),
-                              rows=rows, length=length, guided=guided)
+            state = pretzel.prefill(config, params, vlm_params, {}, doc, length=length, guided=guided,
+                                    latents=jnp.stack(latents))
     jax.block_until_ready((texts, latents))
     return [np.asarray(t)[0].tolist() for t in texts], [np.asarray(x) for x in latents]
 

@@ -1,8 +1,9 @@
 """Evaluations of a trained workdir, each printed as one JSON object on stdout and written to
 ``--out`` when given:
 
-- `starflow2 eval bpd --workdir DIR [--split test] [--num-samples K] [--out FILE.json]`: a flow's
-  bits/dim on a held-out split (see ``starflow2_jax.eval.bpd``);
+- `starflow2 eval bpd --workdir DIR [--split test] [--num-samples K] [--out FILE.json]`: a flow's or a
+  STARFlow2 run's bits/dim on a held-out split (STARFlow2: also the text NLL per token; see
+  ``starflow2_jax.eval.bpd``);
 - `starflow2 eval fae --workdir DIR [--split test] [--batch-size B] [--out FILE.json] [--grid FILE.png]`:
   an FAE's reconstruction errors (feature / pixel MSE, PSNR) on a held-out split, and optionally a PNG
   of originals / reconstructions (see ``starflow2_jax.eval.fae``)."""
@@ -15,7 +16,8 @@ import json
 from starflow2_jax.cli.common import add_distributed_arguments, fail, note, start_runtime
 
 NAME = "eval"
-HELP = "evaluate a trained workdir (bpd: held-out bits/dim; fae: FAE reconstruction errors; as JSON)"
+HELP = ("evaluate a trained workdir (bpd: held-out bits/dim, STARFlow2 also text NLL; fae: FAE reconstruction "
+        "errors; as JSON)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,8 +90,10 @@ def _run_bpd(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         return fail(f"{NAME} {args.evaluation}", error)
     print(json.dumps(result), flush=True)
+    text = (f", text {result['text_nll_per_token']:.4f} nats/token over {result['text_tokens']} tokens"
+            if result.get("text_nll_per_token") is not None else "")
     note(f"{result['bits_per_dim']:.4f} ± {result['std_error']:.4f} bits/dim on {result['num_images']} "
-         f"{result['split']} images (step {result['step']}, {'EMA' if result['ema'] else 'raw'} params)"
+         f"{result['split']} images{text} (step {result['step']}, {'EMA' if result['ema'] else 'raw'} params)"
          + (f" → {args.out}" if args.out else ""))
     return 0
 

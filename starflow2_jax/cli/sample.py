@@ -1,4 +1,5 @@
-"""`starflow2 sample --workdir DIR --out FILE.png [...]`: a sample grid from a trained workdir.
+"""`starflow2 sample --workdir DIR --out FILE.png [...]`: a sample grid from a trained workdir (a flow, or
+STARFlow2: text → image for the config's prompts at each of its guidance weights).
 
 Writes FILE.png (the grid), FILE.npz (the samples as uint8 images and float arrays with their
 labels / prompts and the guidance) and FILE.json (a summary, also printed on stdout); see
@@ -26,9 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--label", type=int, default=None, metavar="N",
                        help="one row of class N (label-conditioned models; default: a row per class)")
     which.add_argument("--prompt", default=None, metavar="TEXT",
-                       help="one row for this caption (caption-conditioned models; default: the config's prompts)")
-    parser.add_argument("--guidance", type=float, default=0.0, metavar="W",
-                        help="classifier-free guidance weight (default 0: none)")
+                       help="one row for this caption (caption-conditioned flows, STARFlow2; default: the config's "
+                            "prompts)")
+    parser.add_argument("--guidance", type=float, default=None, metavar="W",
+                        help="guidance weight (default: 0 for flows; each of the run's sample.guidance for STARFlow2)")
     parser.add_argument("--jacobi", default=None, metavar="BLOCK,THRESHOLD,MAX_ITERS",
                         help="Jacobi sampling, e.g. 16,1e-3,32, or 'off' (default: the run's sample.jacobi)")
     parser.add_argument("--num", type=int, default=None, metavar="N",

@@ -7,7 +7,9 @@ dequantisation noise ``x + (u − ½)·(2/levels)``, u ~ U[0, 1) (whatever noise
 
 the log₂(levels/2) being the Jacobian of the scaling of pixel values v ∈ {0..levels} to x = v/(levels/2) − 1
 (+3 bits for the digits' 16 levels). Conditional models are scored given the image's label, or its
-first caption; the guidance drop-out is off. Every image counts exactly once per pass
+first caption; the guidance drop-out is off. A family may score its runs itself (``Family.bpd_scorer``:
+STARFlow2 scores each target image given its context through the coupled model, with the same
+dequantisation and definition, and adds the text NLL per token). Every image counts exactly once per pass
 (``eval.scoring.score_split``). Reported: the mean over images of their per-image mean, its
 standard error (std over images / √n), the number of images, the split and the checkpoint's step.
 """
@@ -28,8 +30,12 @@ from starflow2_jax.train.restore import Restored, latest_step_dir, read_step_con
 
 
 def check_bpd_config(config, workdir: os.PathLike | str) -> None:
-    """Raises ValueError unless ``config``'s family offers bits/dim and the run models pixels or patches."""
-    families.require(config, "bpd", os.fspath(workdir))
+    """Raises ValueError unless ``config``'s family offers bits/dim and the run models pixels or patches
+    (a family with its own scorer, ``Family.bpd_scorer``, checks its run itself)."""
+    family = families.require(config, "bpd", os.fspath(workdir))
+    if family.bpd_scorer is not None:
+        family.bpd_scorer.check(config, workdir)
+        return
     if config.model.latent.kind == "fae":
         raise ValueError(f"bits/dim is defined for flows on pixels or pixel patches; {os.fspath(workdir)!r} is a "
                          f"model.family={config.model.family!r} run with model.latent.kind="
@@ -66,6 +72,9 @@ def evaluate_bpd(workdir: os.PathLike | str, *, split: str | None = None, num_sa
         bits_per_dim, std_error, num_images, split, step, num_samples (dequantisation passes),
         ema (EMA params used), levels, batch_size, seed, checkpoint, workdir, seconds
 
+    plus the fields a family's own scorer adds (STARFlow2: text_nll_per_token, text_tokens,
+    num_documents; see ``train.tasks.starflow2_eval``).
+
     Raises ValueError / FileNotFoundError naming the bad argument, and RuntimeError when an image's
     bits/dim is not finite (no number is reported then).
     """
@@ -78,8 +87,14 @@ def evaluate_bpd(workdir: os.PathLike | str, *, split: str | None = None, num_sa
         check_bpd_config(read_step_config(latest_step_dir(workdir)[1]), workdir)  # before loading any weights
         restored = restore_workdir(workdir, ema=ema, allow_frozen_change=allow_frozen_change)
     split = split or str(restored.config.data.eval_split)
-    indices, per_image = bpd_per_image(restored, workdir, split=split, num_samples=num_samples, seed=seed,
-                                       batch_size=batch_size)
+    scorer = families.require(restored.config, "bpd", os.fspath(workdir)).bpd_scorer
+    extra = {}
+    if scorer is None:
+        indices, per_image = bpd_per_image(restored, workdir, split=split, num_samples=num_samples, seed=seed,
+                                           batch_size=batch_size)
+    else:
+        indices, per_image, extra = scorer.score(restored, workdir, split=split, num_samples=num_samples, seed=seed,
+                                                 batch_size=batch_size)
     check_finite("bits/dim", indices, per_image, split)
     n = int(per_image.size)
     result = {
@@ -89,7 +104,7 @@ def evaluate_bpd(workdir: os.PathLike | str, *, split: str | None = None, num_sa
         "ema": restored.used_ema, "levels": int(restored.config.data.levels),
         "batch_size": int(batch_size or restored.config.data.batch_size), "seed": seed,
         "checkpoint": restored.step_dir, "workdir": os.fspath(workdir),
-        "seconds": round(time.perf_counter() - start, 3),
+        "seconds": round(time.perf_counter() - start, 3), **extra,
     }
     if out is not None and jax.process_index() == 0:
         atomic.write_json(out, result)

@@ -4,7 +4,8 @@ Field groups: the frozen VLM text decoder (``vlm``), the latent space images liv
 ``PatchesSpace`` or ``FAESpace``, N = grid tokens of D features), the shallow flows and the deep
 stream (widths, depths, heads; STARFlow's block options), the bridges and their switches
 (``adapter``, ``vlm_to_flow`` = W_vlm, ``flow_to_lm`` = W_D), the losses (λ, caption dropout,
-latent noise) and the packed-row shape (``seq_len`` L, ``max_images`` M). Presets: ``tiny`` (tests),
+latent noise), the packed-row shape (``seq_len`` L, ``max_images`` M) and execution (dtype, remat, the
+LM loss's chunk ``lm_chunk``). Presets: ``tiny`` (tests),
 ``sevenb`` (the paper's sizes, SPEC §5). Every **[choice]** of SPEC §5.3 is a field here.
 ``config_to_dict`` / ``config_from_dict`` round-trip it through JSON (for checkpoints).
 """
@@ -57,6 +58,9 @@ class PretzelConfig:
     # execution
     dtype: str = "float32"
     remat: str = "none"
+    # positions per chunk of the LM loss: the (B, chunk, vocab) logits are built one chunk at a time, forward
+    # and backward, never (B, L, vocab) (at 7b: 152k × 4096 float32 = 2.5 GB per row)
+    lm_chunk: int = 512
 
     # ---- derived ----------------------------------------------------------------------------
     @property
@@ -117,7 +121,8 @@ class PretzelConfig:
         self.vlm.validate()
         if self.latent.kind not in ("patches", "fae"):
             raise ValueError(f"latent.kind={self.latent.kind!r}: expected 'patches' or 'fae'")
-        for name in ("flow_width", "flow_head_dim", "shallow_blocks", "shallow_layers", "deep_layers", "seq_len"):
+        for name in ("flow_width", "flow_head_dim", "shallow_blocks", "shallow_layers", "deep_layers", "seq_len",
+                     "lm_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: expected a positive int")

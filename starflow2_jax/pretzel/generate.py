@@ -15,6 +15,18 @@ loops (the host switches once per segment):
 Nothing is re-encoded: the caches after generation equal those of one teacher-forced pass over the
 final sequence (tested). Rows: text → image and image → text draw ``num_samples`` rows in lockstep;
 interleaved generation runs one row (its segment structure is sampled).
+
+The segment API the three modes are made of, public for a caller composing its own loop (the
+benchmark's shared-cache and re-encoding paths use only these)::
+
+    state = prefill(config, params, vlm_params, latent_vars, prompt, length=S, num_samples=B, guided=...)
+    state = feed_token(config, params, vlm_params, state, config.vlm.vision_start_token_id)
+    state, u, passes = image_segment(config, params, vlm_params, state, eps, guidance, jacobi=...)
+    x = invert_shallow(config, params, u)                                   # latents (B, N, D)
+    state, ids, count = text_segment(config, params, vlm_params, state, rng, max_tokens=T, ...)
+
+``State`` carries both caches, the attention mask over them, the next text position and the last
+position's stream outputs; each step function is jitted with static shapes.
 """
 
 from __future__ import annotations
@@ -38,11 +50,13 @@ from starflow2_jax.vlm.generate import sample_logits
 
 @flax.struct.dataclass
 class State:
-    """Generation state of R rows (R = 2B with guidance: [conditional; unconditional]).
+    """Generation state of R rows: R = B sample rows, or R = 2B with guidance ([conditional;
+    unconditional], ``guided``).
 
     caches: both streams'; key_mask (R, S): keys each row may attend (the unconditional half hides its
     text); position (): the next text position; head (R, 2D): the deep head at the last position (it
-    parametrises the next slot); y_vlm (R, Dv), y_deep (R, width): the streams at the last position."""
+    parametrises the next slot); y_vlm (R, Dv), y_deep (R, width): the streams at the last position;
+    guided: whether the rows are doubled for guidance (static: part of the pytree's structure)."""
 
     caches: Caches
     key_mask: jax.Array
@@ -50,6 +64,17 @@ class State:
     head: jax.Array
     y_vlm: jax.Array
     y_deep: jax.Array
+    guided: bool = flax.struct.field(pytree_node=False, default=False)
+
+    @property
+    def rows(self) -> int:
+        """R, the cache rows."""
+        return self.head.shape[0]
+
+    @property
+    def num_samples(self) -> int:
+        """B, the sample rows (R, or R / 2 with guidance)."""
+        return self.rows // 2 if self.guided else self.rows
 
 
 def _visible(config: PretzelConfig, tokens, slot, guided: bool):
@@ -61,35 +86,37 @@ def _visible(config: PretzelConfig, tokens, slot, guided: bool):
     return jnp.concatenate([jnp.ones_like(text), ~text], axis=0)
 
 
-def _feed(config, params, vlm_params, state: State, tokens, u, slot, positions, guided: bool):
+def _feed(config, params, vlm_params, state: State, tokens, u, slot, positions):
     """Q new positions (R, Q …) into both caches → ``(state after them, every new position's deep head
     (R, Q, 2D))``."""
     index = state.caches.index
-    key_mask = jax.lax.dynamic_update_slice(state.key_mask, _visible(config, tokens, slot, guided), (0, index))
+    key_mask = jax.lax.dynamic_update_slice(state.key_mask, _visible(config, tokens, slot, state.guided), (0, index))
     out = step(config, params, vlm_params, state.caches, tokens, u, slot, positions, key_mask)
-    new = State(caches=out.caches, key_mask=key_mask, position=state.position, head=out.head[:, -1],
-                y_vlm=out.y_vlm[:, -1], y_deep=out.y_deep[:, -1])
+    new = state.replace(caches=out.caches, key_mask=key_mask, head=out.head[:, -1], y_vlm=out.y_vlm[:, -1],
+                        y_deep=out.y_deep[:, -1])
     return new, out.head
 
 
 @functools.partial(jax.jit, static_argnames=("config", "rows", "length", "guided"))
-def _prefill(config, params, vlm_params, latent_vars, tokens, slot, image_index, positions, images, *, rows: int,
-             length: int, guided: bool):
+def _prefill(config, params, vlm_params, latent_vars, tokens, slot, image_index, positions, images, latents, *,
+             rows: int, length: int, guided: bool):
     model = Pretzel(config)
     n, d = config.num_slots, config.latent_dim
     t = tokens.shape[0]
     u_tok = jnp.zeros((t, d), jnp.float32)
-    if images.shape[0]:
-        x = config.latent.encode(latent_vars, images).reshape(images.shape[0], n, d).astype(jnp.float32)
+    if latents is None and images.shape[0]:
+        latents = config.latent.encode(latent_vars, images).reshape(images.shape[0], n, d)
+    if latents is not None and latents.shape[0]:
+        x = latents.astype(jnp.float32)
         u, _ = model.apply(_variables(params, vlm_params), x, method=Pretzel.shallow_forward)
         rank = (jnp.cumsum(slot.astype(jnp.int32)) - 1) % n
         u_tok = jnp.where(slot[:, None], u[jnp.maximum(image_index, 0), rank], 0.0)
     tile = lambda a: jnp.broadcast_to(a[None], (rows,) + a.shape)  # noqa: E731
     empty = State(caches=create_caches(config, rows, length), key_mask=jnp.zeros((rows, length), bool),
                   position=jnp.zeros((), jnp.int32), head=jnp.zeros((rows, 2 * d), jnp.float32),
-                  y_vlm=jnp.zeros((rows, config.vlm.hidden_size)), y_deep=jnp.zeros((rows, config.flow_width)))
-    state, _ = _feed(config, params, vlm_params, empty, tile(tokens), tile(u_tok), tile(slot), tile(positions),
-                     guided)
+                  y_vlm=jnp.zeros((rows, config.vlm.hidden_size)), y_deep=jnp.zeros((rows, config.flow_width)),
+                  guided=guided)
+    state, _ = _feed(config, params, vlm_params, empty, tile(tokens), tile(u_tok), tile(slot), tile(positions))
     return state.replace(position=jnp.max(positions) + 1)
 
 
@@ -97,9 +124,8 @@ def _rows(a, guided: bool):
     return jnp.concatenate([a, a], axis=0) if guided else a
 
 
-@functools.partial(jax.jit, static_argnames=("config", "guided", "block", "max_iters"))
-def _image_segment(config, params, vlm_params, state: State, eps, guidance, threshold, *, guided: bool, block: int,
-                   max_iters: int):
+@functools.partial(jax.jit, static_argnames=("config", "block", "max_iters"))
+def _image_segment(config, params, vlm_params, state: State, eps, guidance, threshold, *, block: int, max_iters: int):
     """N slots after a written ``<|vision_start|>``, then ``<|vision_end|>``. eps (B, N, D) the noise.
     Returns ``(state, u (B, N, D), transformer passes used)``."""
     deep_cfg = config.deep_config()
@@ -109,6 +135,7 @@ def _image_segment(config, params, vlm_params, state: State, eps, guidance, thre
     start = state.position
     r, c = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
     offsets = jnp.asarray(np.stack([np.zeros(n, int), r.ravel(), c.ravel()], axis=1), jnp.int32)  # (N, 3)
+    guided = state.guided
     rows = 2 * b if guided else b
 
     def solve_chunk(k, carry):
@@ -130,8 +157,7 @@ def _image_segment(config, params, vlm_params, state: State, eps, guidance, thre
 
         def body(carry):  # one pass over the block from the chunk's start state (= a rewound cache)
             _, guess, i, _ = carry
-            new_state, heads_all = _feed(config, params, vlm_params, state, tokens, _rows(guess, guided), slot, pos,
-                                         guided)
+            new_state, heads_all = _feed(config, params, vlm_params, state, tokens, _rows(guess, guided), slot, pos)
             new = draw(jnp.concatenate([state.head[:, None], heads_all[:, :-1]], axis=1), eps_chunk)
             change = jnp.sum(jnp.square(new - guess))
             size = jnp.sum(jnp.square(new))
@@ -154,20 +180,19 @@ def _image_segment(config, params, vlm_params, state: State, eps, guidance, thre
     end = start + max(gh, gw)
     tokens = jnp.full((rows, 1), v.vision_end_token_id, jnp.int32)
     state, _ = _feed(config, params, vlm_params, state, tokens, jnp.zeros((rows, 1, d)), jnp.zeros((rows, 1), bool),
-                     jnp.full((rows, 1, 3), end, jnp.int32), guided)
+                     jnp.full((rows, 1, 3), end, jnp.int32))
     return state.replace(position=end + 1), u, passes
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_tokens", "greedy", "allow_images", "guided"))
+@functools.partial(jax.jit, static_argnames=("config", "max_tokens", "greedy", "allow_images"))
 def _text_segment(config, params, vlm_params, state: State, rng, temperature, top_p, stop_tokens, pad_id, budget,
-                  logit_bias, *,
-                  max_tokens: int, greedy: bool, allow_images: bool, guided: bool):
+                  logit_bias, *, max_tokens: int, greedy: bool, allow_images: bool):
     """Samples up to ``budget`` (≤ max_tokens) tokens per row, feeding each into both caches; stops a row
     at a stop token (or ``<|vision_start|>`` when ``allow_images``). Returns ``(state, ids (B, max_tokens),
     tokens sampled)``; finished rows receive ``pad_id``. logit_bias (vocab,) is added to the logits."""
     v = config.vlm
-    rows = state.head.shape[0]
-    b = rows // 2 if guided else rows
+    guided = state.guided
+    rows, b = state.rows, state.num_samples
     banned = [v.image_token_id, v.vision_end_token_id] + ([] if allow_images else [v.vision_start_token_id])
 
     def body(carry):
@@ -183,12 +208,109 @@ def _text_segment(config, params, vlm_params, state: State, rng, temperature, to
         tokens = _rows(token[:, None], guided)
         pos = jnp.broadcast_to(state.position, (rows, 1, 3))
         state, _ = _feed(config, params, vlm_params, state, tokens, jnp.zeros((rows, 1, config.latent_dim)),
-                         jnp.zeros((rows, 1), bool), pos, guided)
+                         jnp.zeros((rows, 1), bool), pos)
         return k + 1, state.replace(position=state.position + 1), finished, ids
 
     carry = (jnp.zeros((), jnp.int32), state, jnp.zeros((b,), bool), jnp.full((b, max_tokens), pad_id, jnp.int32))
     k, state, _, ids = jax.lax.while_loop(lambda c: (c[0] < budget) & ~jnp.all(c[2]), body, carry)
     return state, ids, k
+
+
+# ---- the segment API: what the modes below (and a caller composing its own loop) are made of ------
+def prefill(config: PretzelConfig, params, vlm_params, latent_vars, prompt: dict, *, length: int,
+            num_samples: int = 1, guided: bool = False, latents=None) -> State:
+    """One prompt document (``layout.layout_document``'s dict: tokens (T,), positions (T, 3), slot (T,),
+    image_index (T,), images (K, H, W, C)) fed into fresh caches of ``length`` positions for
+    ``num_samples`` rows (doubled with ``guided``: the second half hides the prompt's text from
+    attention). The prompt's images enter as context: latent space → f_S → u at their slots, or
+    ``latents`` (K, N, D) instead of encoding the images (e.g. generated ones: no pixel round trip).
+    Jitted per (config, T, K, rows, length). Returns the ``State`` after the prompt (its ``position``
+    is the next text position)."""
+    _check_prompt(config, prompt, 0, length)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise ValueError(f"num_samples={num_samples!r}: expected a positive int")
+    k = len(prompt["images"])
+    if latents is not None:
+        want = (k, config.num_slots, config.latent_dim)
+        if tuple(latents.shape) != want:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}: expected {want} (one (N, D) per prompt "
+                             f"image)")
+        latents = jnp.asarray(latents, jnp.float32)
+    rows = 2 * int(num_samples) if guided else int(num_samples)
+    return _prefill(config, params, vlm_params, latent_vars, jnp.asarray(prompt["tokens"]),
+                    jnp.asarray(prompt["slot"]), jnp.asarray(prompt["image_index"]),
+                    jnp.asarray(prompt["positions"]), jnp.asarray(prompt["images"]), latents, rows=rows,
+                    length=length, guided=bool(guided))
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def feed_token(config: PretzelConfig, params, vlm_params, state: State, token) -> State:
+    """One text token (an int scalar, the same for every row; e.g. ``<|vision_start|>`` before an image
+    segment) into both caches at the next text position. Jitted. Returns the ``State`` after it."""
+    rows = state.rows
+    tokens = jnp.full((rows, 1), token, jnp.int32)
+    pos = jnp.broadcast_to(state.position, (rows, 1, 3))
+    state, _ = _feed(config, params, vlm_params, state, tokens, jnp.zeros((rows, 1, config.latent_dim)),
+                     jnp.zeros((rows, 1), bool), pos)
+    return state.replace(position=state.position + 1)
+
+
+def _room(state: State, needed: int, what: str) -> None:
+    """ValueError when the caches cannot take ``needed`` more positions (skipped inside a trace)."""
+    index = state.caches.index
+    if isinstance(index, jax.core.Tracer):
+        return
+    left = state.caches.length - int(index)
+    if needed > left:
+        raise ValueError(f"{what} needs {needed} more positions but the caches of length {state.caches.length} "
+                         f"hold only {left} more")
+
+
+def image_segment(config: PretzelConfig, params, vlm_params, state: State, eps, guidance=0.0, *,
+                  jacobi=None) -> tuple[State, jax.Array, jax.Array]:
+    """One image after a ``<|vision_start|>`` already in the caches (the prompt's last token, or
+    ``feed_token``): N image steps u_n = μ + σ·ε_n from the deep head (Gaussian guidance of weight
+    ``guidance`` on a guided state), each u_n fed at its slot into both streams, then
+    ``<|vision_end|>``. eps (B, N, D): the noise; jacobi: None (sequential) or ``flow.JacobiOptions`` /
+    dict(block_size dividing N, threshold, max_iters). Jitted per (config, shapes, Jacobi block and
+    iteration cap); callable inside a jit. Returns ``(state after <|vision_end|>, u (B, N, D) (the
+    shallow-flow outputs: ``invert_shallow`` gives the latents), deep-stream passes used ())``."""
+    n, d = config.num_slots, config.latent_dim
+    want = (state.num_samples, n, d)
+    if tuple(eps.shape) != want:
+        raise ValueError(f"eps has shape {tuple(eps.shape)}: expected {want} (the state's sample rows, N slots, "
+                         f"D)")
+    if isinstance(guidance, (int, float)) and guidance != 0 and not state.guided:
+        raise ValueError(f"guidance={guidance}: the state was prefilled without guided=True (no unconditional rows)")
+    block, max_iters, threshold = _jacobi(jacobi, n)
+    _room(state, n + 1, "an image segment")
+    return _image_segment(config, params, vlm_params, state, eps, jnp.asarray(guidance, jnp.float32),
+                          jnp.asarray(threshold, jnp.float32), block=block, max_iters=max_iters)
+
+
+def text_segment(config: PretzelConfig, params, vlm_params, state: State, rng, *, max_tokens: int, budget=None,
+                 temperature: float = 0.0, top_p: float = 1.0, stop_tokens=None, logit_bias=None,
+                 allow_images: bool = False) -> tuple[State, jax.Array, jax.Array]:
+    """Samples text from LMHead(y_vlm + W_D·y_D) at the last position, feeding each token into both
+    caches, for up to ``budget`` tokens (an int or int scalar ≤ ``max_tokens``, default ``max_tokens``;
+    a traced budget does not recompile). A row stops at a stop token (default the VLM's EOS ids) or,
+    with ``allow_images``, at ``<|vision_start|>`` (then run ``image_segment``). temperature 0 is greedy;
+    top_p nucleus; logit_bias (vocab,) is added to the logits. Jitted per (config, shapes, max_tokens,
+    greedy, allow_images). Returns ``(state, ids (B, max_tokens) int32 — finished rows padded with the
+    pad id —, tokens sampled () — the loop's steps, the longest row)``."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens!r}: expected a positive int")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature={temperature} (>= 0), top_p={top_p} (in (0, 1])")
+    budget = max_tokens if budget is None else budget
+    if isinstance(budget, (int, np.integer)):
+        if not 0 <= budget <= max_tokens:
+            raise ValueError(f"budget={budget}: expected 0..max_tokens={max_tokens}")
+        _room(state, int(budget), f"a text segment of {int(budget)} tokens")
+    stops, pad = _stops(config, stop_tokens)
+    return _text_segment(config, params, vlm_params, state, rng, jnp.float32(max(temperature, 1e-6)),
+                         jnp.float32(top_p), stops, pad, jnp.asarray(budget, jnp.int32), _bias(config, logit_bias),
+                         max_tokens=int(max_tokens), greedy=temperature == 0, allow_images=bool(allow_images))
 
 
 # ---- host side ------------------------------------------------------------------------------------
@@ -240,13 +362,6 @@ def _jacobi(jacobi, n: int):
     return int(block), int(max_iters), float(threshold)
 
 
-def _prefill_prompt(config, params, vlm_params, latent_vars, prompt, rows, length, guided):
-    return _prefill(config, params, vlm_params, latent_vars, jnp.asarray(prompt["tokens"]),
-                    jnp.asarray(prompt["slot"]), jnp.asarray(prompt["image_index"]),
-                    jnp.asarray(prompt["positions"]), jnp.asarray(prompt["images"]), rows=rows, length=length,
-                    guided=guided)
-
-
 def _append_vision_start(config: PretzelConfig, prompt: dict) -> dict:
     p = dict(prompt)
     nxt = int(prompt["positions"].max()) + 1 if len(prompt["tokens"]) else 0
@@ -272,13 +387,11 @@ def text_to_image(config: PretzelConfig, params, vlm_params, latent_vars, prompt
     prompt = _append_vision_start(config, prompt)
     length = length or len(prompt["tokens"]) + n + 1
     _check_prompt(config, prompt, n + 1, length)
-    block, max_iters, threshold = _jacobi(jacobi, n)
-    guided = guidance != 0
-    rows = 2 * num_samples if guided else num_samples
-    state = _prefill_prompt(config, params, vlm_params, latent_vars, prompt, rows, length, guided)
+    _jacobi(jacobi, n)  # bad options fail before any work
+    state = prefill(config, params, vlm_params, latent_vars, prompt, length=length, num_samples=num_samples,
+                    guided=guidance != 0)
     eps = jax.random.normal(rng, (num_samples, n, config.latent_dim), jnp.float32)
-    state, u, passes = _image_segment(config, params, vlm_params, state, eps, jnp.float32(guidance),
-                                      jnp.float32(threshold), guided=guided, block=block, max_iters=max_iters)
+    state, u, passes = image_segment(config, params, vlm_params, state, eps, guidance, jacobi=jacobi)
     x = invert_shallow(config, params, u)
     sequence = _record(prompt)
     _append_image(config, sequence, np.asarray(u[0]), int(prompt["positions"].max()) + 1)
@@ -364,13 +477,11 @@ def image_to_text(config: PretzelConfig, params, vlm_params, latent_vars, prompt
                          f"top_p={top_p} (in (0, 1])")
     length = length or len(prompt["tokens"]) + max_new_tokens
     _check_prompt(config, prompt, max_new_tokens, length)
-    state = _prefill_prompt(config, params, vlm_params, latent_vars, prompt, num_samples, length, False)
-    stops, pad = _stops(config, stop_tokens)
-    state, ids, _ = _text_segment(config, params, vlm_params, state, jax.random.key(0) if rng is None else rng,
-                                  jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), stops, pad,
-                                  jnp.int32(max_new_tokens), _bias(config, logit_bias), max_tokens=max_new_tokens,
-                                  greedy=temperature == 0,
-                                  allow_images=False, guided=False)
+    state = prefill(config, params, vlm_params, latent_vars, prompt, length=length, num_samples=num_samples)
+    stops, _ = _stops(config, stop_tokens)
+    state, ids, _ = text_segment(config, params, vlm_params, state, jax.random.key(0) if rng is None else rng,
+                                 max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                 stop_tokens=stop_tokens, logit_bias=logit_bias)
     ids = np.asarray(ids)
     stopped = np.isin(ids, np.asarray(stops))
     lengths = np.where(stopped.any(axis=1), stopped.argmax(axis=1) + 1, max_new_tokens)
@@ -392,11 +503,9 @@ def interleaved(config: PretzelConfig, params, vlm_params, latent_vars, prompt: 
     state)``."""
     n = config.num_slots
     _check_prompt(config, prompt, 1, length)
-    block, max_iters, threshold = _jacobi(jacobi, n)
-    guided = guidance != 0
-    rows = 2 if guided else 1
-    state = _prefill_prompt(config, params, vlm_params, latent_vars, prompt, rows, length, guided)
-    stops, pad = _stops(config, stop_tokens)
+    _jacobi(jacobi, n)  # bad options fail before any work
+    state = prefill(config, params, vlm_params, latent_vars, prompt, length=length, guided=guidance != 0)
+    stops, _ = _stops(config, stop_tokens)
     sequence = _record(prompt)
     latents, images, written = [], [], 0
     key = 0
@@ -406,11 +515,10 @@ def interleaved(config: PretzelConfig, params, vlm_params, latent_vars, prompt: 
         if budget <= 0:
             break
         start = int(state.position)
-        state, ids, count = _text_segment(
-            config, params, vlm_params, state, jax.random.fold_in(rng, key), jnp.float32(max(temperature, 1e-6)),
-            jnp.float32(top_p), stops, pad, jnp.int32(budget), _bias(config, logit_bias), max_tokens=segment_tokens,
-            greedy=temperature == 0,
-            allow_images=len(latents) < max_images, guided=guided)
+        state, ids, count = text_segment(
+            config, params, vlm_params, state, jax.random.fold_in(rng, key), max_tokens=segment_tokens,
+            budget=jnp.int32(budget), temperature=temperature, top_p=top_p, stop_tokens=stop_tokens,
+            logit_bias=logit_bias, allow_images=len(latents) < max_images)
         key += 1
         new = np.asarray(ids)[0, :int(count)].tolist()
         written += len(new)
@@ -425,8 +533,7 @@ def interleaved(config: PretzelConfig, params, vlm_params, latent_vars, prompt: 
             continue
         eps = jax.random.normal(jax.random.fold_in(rng, 10_000 + key), (1, n, config.latent_dim), jnp.float32)
         slot_start = int(state.position)
-        state, u, _ = _image_segment(config, params, vlm_params, state, eps, jnp.float32(guidance),
-                                     jnp.float32(threshold), guided=guided, block=block, max_iters=max_iters)
+        state, u, _ = image_segment(config, params, vlm_params, state, eps, guidance, jacobi=jacobi)
         _append_image(config, sequence, np.asarray(u[0]), slot_start)
         x = invert_shallow(config, params, u)
         latents.append(np.asarray(x[0]))

@@ -9,9 +9,14 @@ probability ``config.caption_dropout``, trained with its text tokens masked out 
 streams (the image sees only its ``<|vision_start|>``, its own slots and earlier images' markers and
 slots); its text positions then carry no NTP loss. Optional noise augmentation x̃ = x + σ_n·ε on the
 latents (``config.latent_noise``).
+
+L_NTP never builds the (B, L, vocab) logits of a whole row: ``chunked_token_nll`` computes them
+``config.lm_chunk`` positions at a time, in the forward and the backward pass.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -44,10 +49,43 @@ def caption_dropout(config: PretzelConfig, batch: dict, rng, rate: float):
 
 def token_nll(logits, tokens, mask) -> jax.Array:
     """(B, L) −log p(tokens[t + 1]) from logits (B, L, V) at positions where ``mask``, else 0."""
+    return jnp.where(mask, _picked_nll(logits, _next_tokens(tokens)), 0.0)
+
+
+def _next_tokens(tokens) -> jax.Array:
+    """(B, L) the token each position predicts (0 after the last)."""
+    return jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+
+
+def _picked_nll(logits, targets) -> jax.Array:
+    """(…) −log softmax(logits)[target] of logits (…, V) and int targets (…)."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-    picked = jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
-    return jnp.where(mask, -picked, 0.0)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def chunked_token_nll(config: PretzelConfig, params, vlm_params, y_vlm, y_deep, tokens, mask) -> jax.Array:
+    """(B, L) −log p(tokens[t + 1] | ≤ t) from LMHead(y_vlm + W_D·y_D) at positions where ``mask``, else 0
+    — ``token_nll`` of the full logits, without ever holding (B, L, vocab): a ``lax.map`` over chunks of
+    ``config.lm_chunk`` positions (L padded up to a multiple) builds one (B, chunk, vocab) block at a time,
+    each under ``jax.checkpoint`` so the backward pass recomputes it instead of storing it. y_vlm
+    (B, L, Dv), y_deep (B, L, width), tokens and mask (B, L). Call inside a jit."""
+    b, length = tokens.shape
+    size = min(config.lm_chunk, length)
+    chunks = -(-length // size)
+    pad = chunks * size - length
+
+    def split(a):  # (B, L, …) → (chunks, B, size, …)
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        return jnp.moveaxis(a.reshape((b, chunks, size) + a.shape[2:]), 1, 0)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def chunk_nll(params, vlm_params, y_vlm, y_deep, targets):
+        return _picked_nll(lm_logits(config, params, vlm_params, y_vlm, y_deep), targets)
+
+    nll = jax.lax.map(lambda xs: chunk_nll(params, vlm_params, *xs),
+                      (split(y_vlm), split(y_deep), split(_next_tokens(tokens))))
+    nll = jnp.moveaxis(nll, 0, 1).reshape(b, chunks * size)[:, :length]
+    return jnp.where(mask, nll, 0.0)
 
 
 def per_example(config: PretzelConfig, params, vlm_params, batch: dict, *, latents=None, latent_vars=None,
@@ -78,8 +116,7 @@ def per_example(config: PretzelConfig, params, vlm_params, batch: dict, *, laten
     nf = jnp.where(nf_mask, (0.5 * sq - out.logdet_deep - out.logdet_shallow) / dims, 0.0)
     ntp_mask = batch["text_loss"].astype(bool) & ~dropped
     if lam > 0:
-        logits = lm_logits(config, params, vlm_params, out.y_vlm, out.y_deep)
-        ntp = token_nll(logits, batch["tokens"], ntp_mask)
+        ntp = chunked_token_nll(config, params, vlm_params, out.y_vlm, out.y_deep, batch["tokens"], ntp_mask)
     else:
         ntp = jnp.zeros(ntp_mask.shape, jnp.float32)
     return dict(nf=nf, nf_mask=nf_mask, ntp=ntp, ntp_mask=ntp_mask, output=out)

@@ -1,6 +1,9 @@
 """Samples from a trained workdir: ``sample_from_workdir`` → a PNG grid, an ``.npz`` and a JSON summary.
 
-Grid layout: one row per condition. Without a label or prompt, a label-conditioned model gets one
+A family with its own sampler (``Family.draw_samples``; STARFlow2: text → image, one row per prompt and
+guidance weight, see ``train.tasks.starflow2_eval``) draws the grid instead; the files are the same.
+
+Grid layout (image flows): one row per condition. Without a label or prompt, a label-conditioned model gets one
 row per class and a caption-conditioned one a row per ``sample.prompts`` caption of its config;
 ``label`` / ``prompt`` give a single row. ``num`` is the samples per row (default
 ``sample.per_class``). An unconditional model draws ``num`` samples (default 8·``per_class``) in
@@ -17,7 +20,8 @@ Files (``out`` = ``grid.png``; written through a temporary file and a rename eac
                 pixels  uint8 (N, H, W, C)   the data's own grey levels round((x + 1)·levels/2), 0..levels
                 samples float32 (N, H, W, C) the raw model output x (≈ [−1, 1])
                 labels  int32 (N,)           requested class (−1: none); prompts str (N,) ('' : none)
-                rows    int32 (N,)           grid row of each sample; guidance float32 (); step int64 ()
+                rows    int32 (N,)           grid row of each sample; guidance float32 () (a family drawing its
+                                             own grid, e.g. STARFlow2: (rows,), each row's weight); step int64 ()
     grid.json   the summary ``sample_from_workdir`` returns
 """
 
@@ -35,6 +39,7 @@ import numpy as np
 from starflow2_jax import atomic, flow
 from starflow2_jax.train import families
 from starflow2_jax.train import images as image_lib
+from starflow2_jax.train.family import Drawn
 from starflow2_jax.train.restore import Restored, latest_step_dir, read_step_config, restore_workdir
 from starflow2_jax.train.tasks.vocab import UNK_ID, split_words
 
@@ -90,9 +95,9 @@ def _check_prompt(task, prompt: str) -> None:
 
 
 def _check_request(guidance, seed, batch_size, num) -> None:
-    """The model-independent checks (done before restoring anything)."""
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
-            or guidance < 0:
+    """The model-independent checks (done before restoring anything); guidance None: the family's default."""
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
+                                 or not math.isfinite(guidance) or guidance < 0):
         raise ValueError(f"--guidance {guidance!r}: expected a finite weight >= 0 (0 = no guidance)")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise ValueError(f"--seed {seed!r}: expected an int in [0, 2**32)")
@@ -134,16 +139,18 @@ def _conditions(restored: Restored, label, prompt, num):
     return [str(r) for r in range(rows)], [-1] * rows, [""] * rows, cols, count
 
 
-def generate(restored: Restored, *, label: int | None = None, prompt: str | None = None, guidance: float = 0.0,
-             jacobi: flow.JacobiOptions | None | str = "config", num: int | None = None, seed: int = 0,
-             batch_size: int = 256) -> Samples:
+def generate(restored: Restored, *, label: int | None = None, prompt: str | None = None,
+             guidance: float | None = 0.0, jacobi: flow.JacobiOptions | None | str = "config", num: int | None = None,
+             seed: int = 0, batch_size: int = 256) -> Samples:
     """Draws the samples described in the module docstring from a restored model (no files written).
 
     ``jacobi``: ``'config'`` (the run's ``sample.jacobi``), None (sequential) or ``JacobiOptions``.
-    Raises ValueError naming the bad argument (label out of range, prompt for a label model, …).
+    ``guidance`` None: 0. Raises ValueError naming the bad argument (label out of range, prompt for a
+    label model, …).
     """
     task, fc = restored.task, restored.task.flow_config
     _check_request(guidance, seed, batch_size, num)
+    guidance = 0.0 if guidance is None else guidance
     if task.conditioning == "none" and guidance:
         raise ValueError(f"--guidance {guidance}: the model in {restored.step_dir} is unconditional "
                          f"(nothing to guide towards); use 0")
@@ -214,8 +221,18 @@ def write_samples(samples: Samples, out: os.PathLike | str, summary: dict, level
     return paths
 
 
+def _from_drawn(drawn: Drawn) -> Samples:
+    """A family's ``Drawn`` grid (``Family.draw_samples``) as ``Samples`` (row-major, no labels)."""
+    images = np.asarray(drawn.images, np.float32)
+    rows, cols = images.shape[:2]
+    row_of = np.repeat(np.arange(rows, dtype=np.int32), cols)
+    return Samples(images=images.reshape((rows * cols,) + images.shape[2:]), labels=np.full(rows * cols, -1, np.int32),
+                   prompts=[drawn.row_prompts[r] for r in row_of], rows=row_of, row_names=list(drawn.row_names),
+                   grid=(rows, cols), iterations=[])
+
+
 def sample_from_workdir(workdir: os.PathLike | str, out: os.PathLike | str, *, label: int | None = None,
-                        prompt: str | None = None, guidance: float = 0.0,
+                        prompt: str | None = None, guidance: float | None = None,
                         jacobi: flow.JacobiOptions | None | str = "config", num: int | None = None, seed: int = 0,
                         ema: bool = True, batch_size: int = 256, restored: Restored | None = None,
                         allow_frozen_change: bool = False) -> dict:
@@ -223,7 +240,10 @@ def sample_from_workdir(workdir: os.PathLike | str, out: os.PathLike | str, *, l
     its ``.npz`` and ``.json`` beside it (see the module docstring). Returns the JSON summary.
 
     ``jacobi``: ``'config'`` (the run's ``sample.jacobi``), None / ``'off'`` (sequential), a
-    ``JacobiOptions`` or ``'BLOCK,THRESHOLD,MAX_ITERS'``. ``ema``: use the EMA parameters when the run
+    ``JacobiOptions`` or ``'BLOCK,THRESHOLD,MAX_ITERS'``. ``guidance`` None: the family's default (0 for
+    flows; every weight of ``sample.guidance`` for STARFlow2, one grid row per prompt and weight). A
+    family with its own sampler (``Family.draw_samples``) draws the grid; its summary fields are added
+    and ``guidance`` becomes the list of row weights. ``ema``: use the EMA parameters when the run
     kept them. ``restored``: a ``restore_workdir`` result to reuse (then ``workdir``/``ema`` are not
     read again). ``allow_frozen_change``: sample although a frozen part no longer matches the
     fingerprint the run recorded. Raises ValueError / FileNotFoundError naming the offending argument;
@@ -239,18 +259,26 @@ def sample_from_workdir(workdir: os.PathLike | str, out: os.PathLike | str, *, l
     if restored is None:
         families.require(read_step_config(latest_step_dir(workdir)[1]), "sample", workdir)  # before any weights
         restored = restore_workdir(workdir, ema=ema, allow_frozen_change=allow_frozen_change)
-    families.require(restored.config, "sample", workdir)
-    samples = generate(restored, label=label, prompt=prompt, guidance=guidance, jacobi=jacobi, num=num, seed=seed,
-                       batch_size=batch_size)
-    used_jacobi = restored.task.jacobi if isinstance(jacobi, str) else jacobi
+    family = families.require(restored.config, "sample", workdir)
+    if family.draw_samples is not None:
+        drawn = family.draw_samples(restored, label=label, prompt=prompt, guidance=guidance, jacobi=jacobi, num=num,
+                                    seed=seed, batch_size=batch_size)
+        samples = _from_drawn(drawn)
+        specific = dict(drawn.summary, guidance=[float(w) for w in drawn.row_guidance])
+    else:
+        samples = generate(restored, label=label, prompt=prompt, guidance=guidance, jacobi=jacobi, num=num,
+                           seed=seed, batch_size=batch_size)
+        used_jacobi = restored.task.jacobi if isinstance(jacobi, str) else jacobi
+        specific = {
+            "conditioning": restored.task.conditioning, "guidance": float(guidance or 0.0),
+            "jacobi": None if used_jacobi is None else dict(block_size=used_jacobi.block_size,
+                                                            threshold=used_jacobi.threshold,
+                                                            max_iters=used_jacobi.max_iters),
+            "iterations_per_block": samples.iterations}
     finite = np.isfinite(samples.images).reshape(len(samples.images), -1).all(axis=1)
     summary = {
         "workdir": os.fspath(workdir), "checkpoint": restored.step_dir, "step": restored.step,
-        "ema": restored.used_ema, "conditioning": restored.task.conditioning, "guidance": float(guidance),
-        "jacobi": None if used_jacobi is None else dict(block_size=used_jacobi.block_size,
-                                                        threshold=used_jacobi.threshold,
-                                                        max_iters=used_jacobi.max_iters),
-        "iterations_per_block": samples.iterations, "seed": int(seed), "num_samples": len(samples.images),
+        "ema": restored.used_ema, **specific, "seed": int(seed), "num_samples": len(samples.images),
         "grid": list(samples.grid), "rows": samples.row_names, "image_shape": list(samples.images.shape[1:]),
         "nonfinite_samples": int(np.sum(~finite)),
     }
@@ -262,6 +290,8 @@ def sample_from_workdir(workdir: os.PathLike | str, out: os.PathLike | str, *, l
 def summary_line(summary: dict) -> str:
     """A one-line human description of a ``sample_from_workdir`` summary."""
     rows, cols = summary["grid"]
-    return (f"{summary['num_samples']} samples ({rows} rows × {cols}) at guidance {summary['guidance']:g} from step "
+    weights = summary["guidance"]
+    guidance = ", ".join(f"{w:g}" for w in sorted(set(weights))) if isinstance(weights, list) else f"{weights:g}"
+    return (f"{summary['num_samples']} samples ({rows} rows × {cols}) at guidance {guidance} from step "
             f"{summary['step']} ({'EMA' if summary['ema'] else 'raw'} params) → {summary['files']['png']}")
 

@@ -184,3 +184,37 @@ def test_score_denoising_step_matches_finite_differences():
                  - float(nll(jnp.asarray((x - h * v)[:, None], jnp.float32)))) / (2 * h)
         step = float(np.sum((np.asarray(den["latents"], np.float64) - x) * v))
         np.testing.assert_allclose(step, -0.1**2 * slope, rtol=5e-2, atol=1e-3)
+
+
+def test_public_segment_api_composes_the_modes():
+    """prefill + feed_token(<|vision_start|>) + image_segment + invert_shallow, composed by hand, draws
+    text_to_image's image (which prefills <|vision_start|> with the prompt: another path through the
+    caches), guided and with Jacobi; text_segment continues after it; bad calls name the value."""
+    cfg = tiny()
+    params = active_params()
+    prompt = _prompt(3)
+    rng = jax.random.key(6)
+    jacobi = dict(block_size=2, threshold=0.0, max_iters=8)
+    want = gen.text_to_image(cfg, params, vlm_params(), {}, prompt, rng=rng, num_samples=2, guidance=1.5,
+                             jacobi=jacobi, decode=False)
+    length = len(prompt["tokens"]) + cfg.num_slots + 2 + 4
+    state = gen.prefill(cfg, params, vlm_params(), {}, prompt, length=length, num_samples=2, guided=True)
+    assert (state.rows, state.num_samples, state.guided) == (4, 2, True)
+    state = gen.feed_token(cfg, params, vlm_params(), state, cfg.vlm.vision_start_token_id)
+    eps = jax.random.normal(rng, (2, cfg.num_slots, cfg.latent_dim), jnp.float32)
+    state, u, _ = gen.image_segment(cfg, params, vlm_params(), state, eps, 1.5, jacobi=jacobi)
+    np.testing.assert_allclose(np.asarray(u), np.asarray(want["u"]), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(gen.invert_shallow(cfg, params, u)), np.asarray(want["latents"]),
+                               atol=1e-4, rtol=0)
+    assert int(state.caches.index) == len(prompt["tokens"]) + cfg.num_slots + 2
+    state, ids, count = gen.text_segment(cfg, params, vlm_params(), state, rng, max_tokens=4, stop_tokens=())
+    assert ids.shape == (2, 4) and int(count) == 4 and int(state.caches.index) == length
+    with pytest.raises(ValueError, match=r"caches of length .* hold only 0 more"):
+        gen.text_segment(cfg, params, vlm_params(), state, rng, max_tokens=1)
+    plain = gen.prefill(cfg, params, vlm_params(), {}, prompt, length=length)
+    with pytest.raises(ValueError, match=r"eps has shape \(2, 4, 16\): expected \(1, 4, 16\)"):
+        gen.image_segment(cfg, params, vlm_params(), plain, eps)
+    with pytest.raises(ValueError, match=r"guidance=2.0: the state was prefilled without guided=True"):
+        gen.image_segment(cfg, params, vlm_params(), plain, eps[:1], 2.0)
+    with pytest.raises(ValueError, match=r"latents have shape \(1, 4, 16\): expected \(0, 4, 16\)"):
+        gen.prefill(cfg, params, vlm_params(), {}, prompt, length=length, latents=eps[:1])

@@ -1,7 +1,8 @@
 """The 'starflow2' family (configs/starflow2.py, train.tasks.starflow2*): the three stages through
 `starflow2 train` with init_from, frozen parts, the zero-init invariant on the trained chain, mesh
-equivalence, the 7b sizes from abstract shapes, bad input (clear error, nothing written) and
-`starflow2 generate` end to end. Tiny sizes; the chain runs once per module (2 steps per stage)."""
+equivalence, the 7b sizes from abstract shapes, bad input (clear error, nothing written),
+`starflow2 generate`, `starflow2 sample` and `starflow2 eval bpd` end to end. Tiny sizes; the chain
+runs once per module (2 steps per stage)."""
 
 import json
 import os
@@ -19,6 +20,7 @@ from starflow2_jax.cli.main import main
 from starflow2_jax.config_files import load_config
 from starflow2_jax.train import checkpoint as ckpt_lib
 from starflow2_jax.train import families
+from starflow2_jax.train.generate import sample_from_workdir
 from starflow2_jax.train.loop import resolve_config, train
 from starflow2_jax.train.restore import restore_workdir
 from starflow2_jax.train.step import model_shardings
@@ -272,3 +274,119 @@ def test_generate_bad_input_names_the_value_and_writes_nothing(chain, tmp_path, 
     assert not out.exists()
     code = main(["generate", "--workdir", chain["stage3"], "--mode", "edit", "--out", os.fspath(out)])
     assert code == 2 and "needs at least one --image" in capsys.readouterr().err and not out.exists()
+
+
+# ---- starflow2 sample / eval bpd on starflow2 runs ----------------------------------------------
+def test_sample_draws_a_text_to_image_grid_at_each_guidance(chain, tmp_path, capsys):
+    """`starflow2 sample` on a stage-3 run: the PNG / .npz / JSON of the config's prompts (one row each at
+    the run's single guidance), each row the model's text → image for its prompt and seed; with two
+    weights in sample.guidance, one row per (weight, prompt), the guided rows those of guidance 2."""
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--workdir", chain["stage3"], "--out", os.fspath(out), "--num", "2", "--seed", "3"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    restored = restore_workdir(chain["stage3"])
+    prompts = list(restored.config.sample.prompts)
+    assert summary["grid"] == [len(prompts), 2] and summary["guidance"] == [0.0] * len(prompts)
+    assert summary["conditioning"] == "text" and summary["prompts"] == prompts
+    with np.load(tmp_path / "grid.npz") as npz:
+        samples, stored_prompts = npz["samples"], npz["prompts"].tolist()
+    assert samples.shape == (2 * len(prompts), 8, 8, 1) and stored_prompts == [p for p in prompts for _ in "ab"]
+    assert json.loads((tmp_path / "grid.json").read_text())["grid"] == summary["grid"]
+    assert Image.open(out).size[0] >= 2 * 64
+    cfg, vlm = restored.task.config, restored.extra["vlm"]
+    encode = starflow2_data.ByteTokenizer().encode
+
+    def oracle(i, prompt, guidance, num):
+        doc = pretzel.layout_document(cfg, [prompt], encode=encode)
+        images = pretzel.text_to_image(cfg, restored.params, vlm, {}, doc, rng=jax.random.fold_in(jax.random.key(3), i),
+                                       num_samples=num, guidance=guidance)["images"]
+        return np.clip(np.asarray(images), -1, 1)
+
+    for i, prompt in enumerate(prompts):
+        np.testing.assert_allclose(samples[2 * i:2 * i + 2], oracle(i, prompt, 0.0, 2), atol=1e-5, rtol=0)
+    restored.config.sample.guidance = [0.0, 2.0]
+    two = sample_from_workdir(chain["stage3"], tmp_path / "two.png", restored=restored, num=1, seed=3)
+    assert two["grid"] == [2 * len(prompts), 1] and two["guidance"] == [0.0] * len(prompts) + [2.0] * len(prompts)
+    with np.load(tmp_path / "two.npz") as npz:
+        rows = npz["samples"]
+    k = len(prompts)
+    np.testing.assert_allclose(rows[k + 1], oracle(1, prompts[1], 2.0, 1)[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(rows[1], oracle(1, prompts[1], 0.0, 1)[0], atol=1e-5, rtol=0)
+    assert np.max(np.abs(rows[k:] - rows[:k])) > 1e-3  # guidance acts (same noise per prompt)
+
+
+def _padded_rows(cfg, docs):
+    """Each document alone in a row of cfg.seq_len positions (written out here, not data.packing)."""
+    length, m = cfg.seq_len, cfg.max_images
+    rows = []
+    for doc in docs:
+        t, k = len(doc["tokens"]), len(doc["images"])
+        row = dict(tokens=np.zeros(length, np.int32), positions=np.zeros((length, 3), np.int32),
+                   slot=np.zeros(length, bool), image_index=np.full(length, -1, np.int32),
+                   text_loss=np.zeros(length, bool), segment_ids=np.zeros(length, np.int32),
+                   images=np.zeros((m,) + tuple(cfg.latent.image_shape), np.float32),
+                   image_target=np.zeros(m, bool), image_valid=np.arange(m) < k)
+        for name in ("tokens", "positions", "slot", "image_index", "text_loss"):
+            row[name][:t] = doc[name]
+        row["segment_ids"][:t] = 1
+        row["images"][:k], row["image_target"][:k] = doc["images"], doc["image_target"]
+        rows.append(row)
+    return {name: np.stack([r[name] for r in rows]) for name in rows[0]}
+
+
+def test_eval_bpd_equals_the_model_likelihood_of_each_document(chain, tmp_path, capsys):
+    """`starflow2 eval bpd` on a stage-3 run: bits/dim per image and the text NLL per token equal an
+    independent computation on the same dequantised documents — each alone in a hand-padded row,
+    −log p from ``pretzel.image_nll`` (−log N(z) − log|det J|), the text NLL from the full logits."""
+    from starflow2_jax.data.documents import DocumentPreprocess
+    from starflow2_jax.train.tasks import starflow2_eval
+
+    out = tmp_path / "bpd.json"
+    assert main(["eval", "bpd", "--workdir", chain["stage3"], "--out", os.fspath(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result == json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    restored = restore_workdir(chain["stage3"])
+    cfg, levels = restored.task.config, int(restored.config.data.levels)
+    source = starflow2_data.make_source(restored.config, "test", chain["stage3"])
+    layout = starflow2_data.LayoutPreprocess(cfg, DocumentPreprocess(levels=levels, noise="uniform",
+                                                                     random_caption=False),
+                                             starflow2_data.ByteTokenizer().encode, pairs="t2i")
+    docs = [layout(source[i], np.random.default_rng([0, 0, i])) for i in range(len(source))]
+    batch = _padded_rows(cfg, docs)
+    vlm = restored.extra["vlm"]
+    output = pretzel.forward(cfg, restored.params, vlm, batch, latent_vars={})
+    dims = cfg.num_slots * cfg.latent_dim
+    assert dims == int(np.prod(cfg.latent.image_shape))  # patch latents: the pixels' dimensions
+    nll = np.asarray(pretzel.image_nll(cfg, output))[:, 0]  # a pair: its one image, a generation target
+    expected = (nll / dims + np.log(levels / 2)) / np.log(2)
+    assert result["num_images"] == len(docs) == result["num_documents"]
+    np.testing.assert_allclose(result["bits_per_dim"], expected.mean(), rtol=1e-5)
+    scores = starflow2_eval.score_bpd(restored, chain["stage3"], split="test")
+    np.testing.assert_array_equal(scores.indices, np.arange(len(docs)) * cfg.max_images)
+    np.testing.assert_allclose(scores.values, expected, rtol=0, atol=1e-4)
+    logits = jax.jit(pretzel.lm_logits, static_argnums=0)(cfg, restored.params, vlm, output.y_vlm, output.y_deep)
+    logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
+    nxt = np.concatenate([batch["tokens"][:, 1:], np.zeros_like(batch["tokens"][:, :1])], axis=1)
+    picked = np.take_along_axis(np.asarray(logp), nxt[..., None], axis=-1)[..., 0]
+    tokens = int(batch["text_loss"].sum())
+    assert result["text_tokens"] == tokens > 0
+    np.testing.assert_allclose(result["text_nll_per_token"], -picked[batch["text_loss"]].sum() / tokens, rtol=1e-5)
+
+
+def test_sample_and_eval_bad_input_on_starflow2_runs(chain, tmp_path, capsys):
+    from starflow2_jax.train.tasks import starflow2_eval
+
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--workdir", chain["stage3"], "--out", os.fspath(out), "--label", "3"]) == 2
+    assert "--label 3" in capsys.readouterr().err and not list(tmp_path.iterdir())
+    assert main(["eval", "fae", "--workdir", chain["stage3"]]) == 2
+    err = capsys.readouterr().err
+    assert "does not apply" in err and "model.family='starflow2'" in err and "['sample', 'eval bpd']" in err
+    result = tmp_path / "bpd.json"
+    assert main(["eval", "bpd", "--workdir", chain["stage3"], "--split", "nosuch", "--out", os.fspath(result)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("starflow2 eval bpd: error: --split 'nosuch'") and not result.exists()
+    config = restore_workdir(chain["stage3"]).config
+    config.model.starflow2.latent.kind = "fae"
+    with pytest.raises(ValueError, match=r"latent.kind='fae'.*nll_per_dim"):
+        starflow2_eval.check_bpd(config, chain["stage3"])

@@ -21,7 +21,8 @@ every start and never written into step checkpoints, are ``extra_vars`` entries:
 Batches are packed rows (``data.packing``) of the Pretzel layout (``pretzel.layout_document``) made by
 ``train.tasks.starflow2_data``; the loss is ``pretzel.loss`` with the stage's weights (caption dropout
 and latent noise from the config); eval gives per-row image NLL (bits/dim for patch latents, nats/dim
-for an FAE's) and NTP loss; ``sample_grid`` draws text → image for the grid prompts.
+for an FAE's) and NTP loss; ``sample_grid`` draws text → image for the grid prompts. ``starflow2 sample``
+and ``starflow2 eval bpd`` reach these runs through the family's hooks (``train.tasks.starflow2_eval``).
 
 This module also defines the 'starflow2' family (``FAMILY``): the ``model.starflow2`` config section,
 its checks, resolution (a VLM checkpoint's config, an FAE workdir's config) and frozen parts.
@@ -51,6 +52,7 @@ from starflow2_jax.train import config_fields as fields
 from starflow2_jax.train.family import Family
 from starflow2_jax.train.frozen import FrozenPart
 from starflow2_jax.train.task import SampleGrid, TaskBase
+from starflow2_jax.train.tasks import starflow2_eval
 from starflow2_jax.vlm.config import QwenTextConfig
 
 STAGES = ("stage1", "stage2", "stage3")
@@ -61,7 +63,7 @@ LATENT_KINDS = ("patches", "fae")
 PAIRS = ("t2i", "i2t", "mixed")  # an image–text pair as caption → image, image → caption, or either at random
 FLOW_FIELDS = ("flow_width", "flow_head_dim", "flow_mlp_ratio", "shallow_blocks", "shallow_layers", "deep_layers",
                "soft_clip", "flow_rope_theta", "adapter", "adapter_hidden", "vlm_to_flow", "flow_to_lm", "ntp_weight",
-               "caption_dropout", "latent_noise", "seq_len", "max_images", "dtype", "remat")
+               "caption_dropout", "latent_noise", "seq_len", "max_images", "dtype", "remat", "lm_chunk")
 BATCH_KEYS = pmodel.BATCH_FIELDS + pmodel.LOSS_FIELDS + ("images",)
 
 
@@ -210,18 +212,23 @@ class Starflow2Task(TaskBase):
     def grid_rows(self) -> list[str]:
         return list(self.prompts) or [""]
 
-    def sample_grid(self, params, extra, rng, *, guidance: float) -> SampleGrid:
-        """Text → image: ``sample.per_class`` images per grid prompt (``sample.prompts``; none: the empty
-        prompt), clipped to [−1, 1]."""
+    def sample_grid(self, params, extra, rng, *, guidance: float, prompts=None, per_prompt: int | None = None,
+                    jacobi="config") -> SampleGrid:
+        """Text → image: ``per_prompt`` (default ``sample.per_class``) images per prompt (default the grid
+        prompts ``sample.prompts``; none: the empty prompt, drawn unguided), clipped to [−1, 1]. Prompt
+        i draws with ``fold_in(rng, i)``; jacobi 'config': ``sample.jacobi``."""
+        prompts = self.grid_rows() if prompts is None else list(prompts)
+        per_prompt = self.per_prompt if per_prompt is None else int(per_prompt)
+        jacobi = self.jacobi if isinstance(jacobi, str) and jacobi == "config" else jacobi
         rows = []
-        for i, prompt in enumerate(self.grid_rows()):
+        for i, prompt in enumerate(prompts):
             doc = pretzel.layout_document(self.config, [prompt] if prompt else [], encode=self.encode) if prompt \
                 else _empty_document(self.config)
             out = pretzel.text_to_image(self.config, params, extra["vlm"], self._latent_vars(extra), doc,
-                                        rng=jax.random.fold_in(rng, i), num_samples=self.per_prompt,
-                                        guidance=float(guidance) if prompt else 0.0, jacobi=self.jacobi)
+                                        rng=jax.random.fold_in(rng, i), num_samples=per_prompt,
+                                        guidance=float(guidance) if prompt else 0.0, jacobi=jacobi)
             rows.append(jnp.clip(out["images"], -1.0, 1.0))
-        return SampleGrid(jnp.stack(rows), self.grid_rows())
+        return SampleGrid(jnp.stack(rows), prompts)
 
     def example_batch(self, batch_size: int) -> dict:
         """A zero packed batch of ``batch_size`` rows in the data pipeline's format (for ``starflow2 aot``)."""
@@ -270,7 +277,7 @@ def add_defaults(config: ml_collections.ConfigDict) -> None:
         soft_clip=tiny.soft_clip, flow_rope_theta=tiny.flow_rope_theta, deep_mrope_section=[],
         adapter=False, adapter_hidden=0, vlm_to_flow=False, flow_to_lm=False, ntp_weight=1.0,
         caption_dropout=0.1, latent_noise=0.0, seq_len=tiny.seq_len, max_images=tiny.max_images,
-        dtype="float32", remat="none", packing_bins=16, overflow="error", pairs="t2i"))
+        dtype="float32", remat="none", lm_chunk=tiny.lm_chunk, packing_bins=16, overflow="error", pairs="t2i"))
 
 
 def validate(config) -> None:
@@ -291,7 +298,7 @@ def validate(config) -> None:
         raise ValueError(f"{p}.latent.fae_workdir is empty: latent.kind='fae' reads a trained FAE's workdir (or, "
                          f"for shapes only, a random FAE of the config in {p}.latent.fae)")
     for field in ("flow_width", "flow_head_dim", "shallow_blocks", "shallow_layers", "deep_layers", "seq_len",
-                  "packing_bins"):
+                  "packing_bins", "lm_chunk"):
         fields.int_field(config, f"{p}.{field}", 1)
     fields.int_field(config, f"{p}.max_images", 0)
     fields.int_field(config, f"{p}.adapter_hidden", 0)
@@ -419,9 +426,12 @@ def _next_steps(config, workdir: str) -> str:
     if following:
         return (f"  the next stage: --config configs/starflow2.py:...,{following} "
                 f"--config.train.init_from={workdir}")
-    return f"  generate: starflow2 generate --workdir {workdir} --mode t2i --prompt '...' --out DIR"
+    return (f"  generate: starflow2 generate --workdir {workdir} --mode t2i --prompt '...' --out DIR\n"
+            f"  starflow2 sample --workdir {workdir} --out {os.path.join(workdir, 'grid.png')}\n"
+            f"  starflow2 eval bpd --workdir {workdir}")
 
 
 FAMILY = Family(name="starflow2", add_defaults=add_defaults, validate=validate, make_task=Starflow2Task.from_config,
-                resolve=resolve, frozen_parts=frozen_parts, samples=False, evaluations=(), next_steps=_next_steps,
-                train_data=_train_data)
+                resolve=resolve, frozen_parts=frozen_parts, samples=True, evaluations=("bpd",),
+                next_steps=_next_steps, train_data=_train_data, draw_samples=starflow2_eval.draw_samples,
+                bpd_scorer=starflow2_eval.BPD)
