@@ -2,6 +2,7 @@
 
     python -m starflow2_jax.bench.flow --config tarflow-32 [--batch B] [--steps S] [--repeats R]
         [--dtype float32|bfloat16] [--remat none|full|dots|dots_no_batch] [--skip-sampling] [--list]
+        [--no-torch] [--threads N]
 
 Model: ``flow.init`` with every parameter (not the prior variance) perturbed by σ·N(0, 1), σ = 0.02
 (``param_noise`` of the named config; 0.005 for the 64-layer ImageNet-64 stack, whose latents
@@ -19,6 +20,22 @@ Measured (compile excluded and reported separately, see ``bench.common``):
   ``sample_*_tokens_per_s`` = images/s × T, T = tokens per image (each token is generated once per
   block, so transformer positions/s is a further × num_blocks). ``jacobi_iterations`` = transformer
   passes per block (sequential: T − 1 or T); ``jacobi_speedup`` = Jacobi images/s ÷ sequential.
+
+Side by side (unless ``--no-torch``): the same model in PyTorch (``torch_ref.TorchFlow``, loaded
+with the same weights through the reference state-dict layout and checked equal to ours on the same
+inputs: forward z and sequential samples within 1e-4 relative) is timed in the same run, alternating
+with ours (``common.time_alternating``: every round times one run of each), same batch, same
+config, torch threads = ``--threads`` (default ``os.cpu_count()``, the size of XLA's CPU pool; on a
+shared machine pin the whole process, e.g. ``taskset -c 0 ... --threads 1``, since OpenMP threads
+degrade badly when oversubscribed). Ratios ours / PyTorch (> 1: ours faster): ``train_vs_torch``
+(steps/s, PyTorch step = forward + backward + ``torch.optim.AdamW`` with the same hyper-parameters),
+``sample_seq_vs_torch`` (sequential images/s), ``sample_best_vs_torch`` (the faster of our
+sequential and Jacobi samplers against PyTorch's sequential one; ``jacobi_max_abs_diff_vs_seq`` is
+how far Jacobi's samples are from the sequential ones).
+
+Fractions of peak: ``matmul_peak_gflops`` is measured in the same run (``common.matmul_peak_flops``);
+``*_peak_fraction`` = analytic FLOPs (``flow_flops``; train = 3 × forward, sampling = 1 × forward,
+useful work only) ÷ time ÷ peak.
 
 Output: one JSON line on stdout; progress on stderr.
 """
@@ -252,7 +269,7 @@ def run(name: str, *, batch: int | None = None, steps: int = 10, repeats: int = 
         if not skip_sampling:
             calls["torch_seq"] = (t_seq, 1)
     peak = common.matmul_peak_flops()
-    common.log(f"matmul peak (float32, 2048^2): {peak['peak'] / 1e9:.1f} GFLOP/s ({ {k: round(v / 1e9, 1) for k, v in peak.items()} })")
+    common.log(f"matmul peak (float32, best of 512^2..2048^2): {peak['peak'] / 1e9:.1f} GFLOP/s ({ {k: round(v / 1e9, 1) for k, v in peak.items()} })")
     record.update(matmul_peak_gflops=peak["peak"] / 1e9, matmul_xla_gflops=peak["xla"] / 1e9,
                   matmul_torch_gflops=peak["torch"] / 1e9 if "torch" in peak else None)
 
