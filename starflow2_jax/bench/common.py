@@ -74,6 +74,57 @@ def time_calls(call: Callable[[], Any], *, steps: int, repeats: int, warmup: int
     return Timing(median=statistics.median(runs), runs=tuple(runs))
 
 
+def time_alternating(calls: dict[str, tuple[Callable[[], Any], int]], *, repeats: int, warmup: int = 1
+                     ) -> dict[str, Timing]:
+    """Times several ``name: (call, steps)`` side by side: after ``warmup`` untimed calls of each,
+    ``repeats`` rounds, each timing one run of ``steps`` calls of every entry in turn (so machine load
+    hits all of them alike). A run ends in ``jax.block_until_ready`` on the last result (eager
+    runtimes such as PyTorch return None or a finished value). Returns ``{name: Timing}``."""
+    if repeats < 1 or any(steps < 1 for _, steps in calls.values()):
+        raise ValueError(f"repeats={repeats} and every steps must be >= 1")
+    for call, _ in calls.values():
+        for _ in range(warmup):
+            jax.block_until_ready(call())
+    runs: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, (call, steps) in calls.items():
+            start = time.perf_counter()
+            out = None
+            for _ in range(steps):
+                out = call()
+            jax.block_until_ready(out)
+            runs[name].append((time.perf_counter() - start) / steps)
+    return {name: Timing(median=statistics.median(r), runs=tuple(r)) for name, r in runs.items()}
+
+
+def matmul_peak_flops(sizes: tuple[int, ...] = (512, 1024, 2048), repeats: int = 5) -> dict:
+    """This machine's float32 matmul peak (FLOP/s): the best of ``repeats`` timed n×n products for
+    every n in ``sizes``, by XLA (``jnp.dot``) and by PyTorch (``torch.mm``, if installed); ``peak``
+    is the larger. (Small products can beat large ones on a CPU: cache-resident operands.)"""
+    import jax.numpy as jnp
+
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is in the pinned environment
+        torch = None
+    dot = jax.jit(jnp.dot)
+    best = {"xla": 0.0}
+    for n in sizes:
+        a = jax.random.normal(jax.random.PRNGKey(n), (n, n), jnp.float32)
+        runs = {"xla": lambda: jax.block_until_ready(dot(a, a))}
+        if torch is not None:
+            t = torch.from_numpy(np.asarray(a))
+            runs["torch"] = lambda: torch.mm(t, t)
+        for name, run in runs.items():
+            run()
+            for _ in range(repeats):
+                start = time.perf_counter()
+                run()
+                best[name] = max(best.get(name, 0.0), 2.0 * n**3 / (time.perf_counter() - start))
+    best["peak"] = max(best.values())
+    return best
+
+
 def devices_info() -> dict:
     """The devices a single-process benchmark runs on: platform, count and kind of the first."""
     devices = jax.devices()

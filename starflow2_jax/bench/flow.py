@@ -2,6 +2,7 @@
 
     python -m starflow2_jax.bench.flow --config tarflow-32 [--batch B] [--steps S] [--repeats R]
         [--dtype float32|bfloat16] [--remat none|full|dots|dots_no_batch] [--skip-sampling] [--list]
+        [--no-torch] [--threads N]
 
 Model: ``flow.init`` with every parameter (not the prior variance) perturbed by σ·N(0, 1), σ = 0.02
 (``param_noise`` of the named config; 0.005 for the 64-layer ImageNet-64 stack, whose latents
@@ -19,6 +20,22 @@ Measured (compile excluded and reported separately, see ``bench.common``):
   ``sample_*_tokens_per_s`` = images/s × T, T = tokens per image (each token is generated once per
   block, so transformer positions/s is a further × num_blocks). ``jacobi_iterations`` = transformer
   passes per block (sequential: T − 1 or T); ``jacobi_speedup`` = Jacobi images/s ÷ sequential.
+
+Side by side (unless ``--no-torch``): the same model in PyTorch (``torch_ref.TorchFlow``, loaded
+with the same weights through the reference state-dict layout and checked equal to ours on the same
+inputs: forward z and sequential samples within 1e-4 relative) is timed in the same run, alternating
+with ours (``common.time_alternating``: every round times one run of each), same batch, same
+config, torch threads = ``--threads`` (default ``os.cpu_count()``, the size of XLA's CPU pool; on a
+shared machine pin the whole process, e.g. ``taskset -c 0 ... --threads 1``, since OpenMP threads
+degrade badly when oversubscribed). Ratios ours / PyTorch (> 1: ours faster): ``train_vs_torch``
+(steps/s, PyTorch step = forward + backward + ``torch.optim.AdamW`` with the same hyper-parameters),
+``sample_seq_vs_torch`` (sequential images/s), ``sample_best_vs_torch`` (the faster of our
+sequential and Jacobi samplers against PyTorch's sequential one; ``jacobi_max_abs_diff_vs_seq`` is
+how far Jacobi's samples are from the sequential ones).
+
+Fractions of peak: ``matmul_peak_gflops`` is measured in the same run (``common.matmul_peak_flops``);
+``*_peak_fraction`` = analytic FLOPs (``flow_flops``; train = 3 × forward, sampling = 1 × forward,
+useful work only) ÷ time ÷ peak.
 
 Output: one JSON line on stdout; progress on stderr.
 """
@@ -104,63 +121,121 @@ def make_train_step(config: flow.FlowConfig, optimizer: optax.GradientTransforma
     return train_step
 
 
-def bench_train(config: flow.FlowConfig, variables: dict, images, cond, *, steps: int, repeats: int) -> dict:
+def flow_flops(config: flow.FlowConfig, batch: int) -> float:
+    """Analytic FLOPs of one forward pass over ``batch`` images: 2 × matmul parameters × positions
+    (text prefix included) + causal attention 2·S²·H·hd per layer (QKᵀ and PV, half the square each).
+    A train step is 3× this (forward + backward); sampling does this useful work once, however
+    many passes it takes (so sampling fractions of peak count useful FLOPs only)."""
+    total = 0.0
+    d = config.token_dim
+    for b in config.blocks:
+        seq = config.num_tokens + (config.text_len if b.text_conditioned else 0)
+        hidden = int(b.width * config.mlp_ratio)
+        per_layer = (b.width * (b.num_heads + 2 * b.num_kv_heads) * b.head_dim + b.num_heads * b.head_dim * b.width
+                     + (3 if config.mlp == "swiglu" else 2) * b.width * hidden)
+        head = d * b.width + b.width * (2 * d if config.nvp else d)
+        txt = config.text_dim * b.width * config.text_len if b.text_conditioned else 0
+        total += 2.0 * batch * (seq * per_layer * b.num_layers + config.num_tokens * head + txt)
+        total += 2.0 * batch * b.num_layers * seq * seq * b.num_heads * b.head_dim
+    return total
+
+
+def prepare_train(config: flow.FlowConfig, variables: dict, images, cond):
+    """Compiles our train step; returns ``(call, compile seconds, losses)`` (``losses``: first and
+    last loss seen, filled as ``call`` runs)."""
     optimizer = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=1e-4)
     params = variables["params"]
     state = (jax.tree_util.tree_map(jnp.copy, params), optimizer.init(params))  # own buffers: donated
     prior = variables["prior"]
     step, compile_s = common.compile_ahead(make_train_step(config, optimizer), state, prior, images, cond)
     common.log(f"train step compiled in {compile_s:.1f}s")
-    first_loss = last_loss = None
+    losses = {}
 
     def call():
-        nonlocal state, first_loss, last_loss
-        state, last_loss = step(state, prior, images, cond)
-        first_loss = last_loss if first_loss is None else first_loss
-        return last_loss
+        nonlocal state
+        state, loss = step(state, prior, images, cond)
+        losses.setdefault("first", loss)
+        losses["last"] = loss
+        return loss
 
-    timing = common.time_calls(call, steps=steps, repeats=repeats)
-    common.log(f"train: {timing.median * 1e3:.1f} ms/step (runs: {[round(t * 1e3, 1) for t in timing.runs]})")
-    first, last = float(first_loss), float(last_loss)
-    common.log(f"train loss: {first:.4g} at the first step, {last:.4g} after {1 + steps * repeats} steps")
-    if not (np.isfinite(first) and np.isfinite(last)):
-        common.log("WARNING: non-finite training loss (reported as null); the step timings still stand")
-    return dict(train_steps_per_s=timing.per_second, train_step_ms=timing.median * 1e3, compile_s=compile_s,
-                train_loss_first=_finite_or_none(first), train_loss=_finite_or_none(last))
+    return call, compile_s, losses
 
 
 def _finite_or_none(value: float) -> float | None:
     return value if np.isfinite(value) else None
 
 
-def bench_sample(config: flow.FlowConfig, variables: dict, noise, cond, *, jacobi, repeats: int):
-    """Returns ``(images/s, compile seconds, iterations per block, all samples finite)`` of ``flow.sample``."""
+def prepare_sample(config: flow.FlowConfig, variables: dict, noise, cond, *, jacobi):
+    """Compiles ``flow.sample``; returns ``(call, compile seconds, info)``; ``info`` holds the last
+    call's images and iteration counts."""
     sampler = jax.jit(lambda v, n, c: flow.sample(config, v, n, c, jacobi=jacobi, return_info=True))
     compiled, compile_s = common.compile_ahead(sampler, variables, noise, cond)
-    name = "jacobi" if jacobi else "sequential"
-    common.log(f"{name} sampler compiled in {compile_s:.1f}s")
+    common.log(f"{'jacobi' if jacobi else 'sequential'} sampler compiled in {compile_s:.1f}s")
     info = {}
 
     def call():
         info["images"], info["info"] = compiled(variables, noise, cond)
         return info["images"]
 
-    timing = common.time_calls(call, steps=1, repeats=repeats)
-    iterations = np.asarray(info["info"]["iterations"]).tolist()
-    finite = bool(jnp.all(jnp.isfinite(info["images"])))
-    common.log(f"{name}: {timing.median * 1e3:.1f} ms/batch, iterations per block {iterations}")
-    if not finite:
-        common.log(f"WARNING: {name} samples are not finite (iteration counts are then not meaningful)")
-    return noise.shape[0] / timing.median, compile_s, iterations, finite
+    return call, compile_s, info
+
+
+def torch_side(config: flow.FlowConfig, variables: dict, images, cond, noise, kind: str):
+    """The same model in PyTorch (``torch_ref``), checked equal to ours on these weights and inputs.
+
+    Returns ``(train call, sequential-sampling call, max |Δ| of forward z, of sequential samples)``;
+    raises ValueError when the two models disagree (timings would compare different computations).
+    """
+    import copy
+
+    import torch
+
+    from starflow2_jax.torch_ref import torch_flow_from_variables
+
+    model = torch_flow_from_variables(config, variables)
+    tokens = torch.from_numpy(np.asarray(flow.patchify(config, images)))
+    labels = torch.from_numpy(np.asarray(cond)) if kind == "class" else None
+    text = torch.from_numpy(np.asarray(cond)) if kind == "text" else None
+    noise_t = torch.from_numpy(np.asarray(noise))
+    with torch.no_grad():
+        z_torch = model(tokens, labels, text)[0].numpy()
+    z_ours = np.asarray(flow.forward_with_intermediates(config, variables, images, cond).z)
+    samples_torch = model.sample_tokens(noise_t, labels, text).numpy()
+    samples_ours = np.asarray(flow.sample_tokens(config, variables, noise, cond)[0])
+    dz, ds = float(np.max(np.abs(z_torch - z_ours))), float(np.max(np.abs(samples_torch - samples_ours)))
+    for what, diff, ref in (("forward z", dz, z_ours), ("sequential samples", ds, samples_ours)):
+        if not diff <= 1e-4 * max(1.0, float(np.max(np.abs(ref)))):
+            raise ValueError(f"PyTorch and JAX {what} differ by {diff:.3g} (expected <= 1e-4 relative): "
+                             f"not the same model")
+    common.log(f"torch side equal to ours: max |dz| {dz:.2g}, max |d samples| {ds:.2g}")
+
+    trained = copy.deepcopy(model).train()
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4)
+
+    def train_call():
+        optimizer.zero_grad(set_to_none=True)
+        loss = trained.loss(tokens, labels, text)
+        loss.backward()
+        optimizer.step()
+
+    def sample_call():
+        model.sample_tokens(noise_t, labels, text)
+
+    return train_call, sample_call, dz, ds
 
 
 def run(name: str, *, batch: int | None = None, steps: int = 10, repeats: int = 3, dtype: str | None = None,
-        remat: str = "none", skip_sampling: bool = False, seed: int = 0) -> dict:
+        remat: str = "none", skip_sampling: bool = False, seed: int = 0, torch_side_by_side: bool = True,
+        threads: int | None = None) -> dict:
     """Runs the benchmark for ``CONFIGS[name]``; returns the JSON record (see the module docstring)."""
+    import os
+
     bench = CONFIGS[name]
     config = bench.make()
     config = dataclasses.replace(config, dtype=dtype or config.dtype, remat=remat).validate()
     batch = batch or bench.batch
+    if torch_side_by_side and config.dtype != "float32":
+        raise ValueError(f"--dtype {config.dtype}: the PyTorch side-by-side runs float32 only (use --no-torch)")
     k_init, k_perturb, k_data = jax.random.split(jax.random.PRNGKey(seed), 3)
     variables = flow.init(config, k_init)
     variables = dict(variables, params=common.perturb(variables["params"], k_perturb, bench.param_noise))
@@ -171,22 +246,73 @@ def run(name: str, *, batch: int | None = None, steps: int = 10, repeats: int = 
 
     record = dict(benchmark="flow", config=name, batch=batch, dtype=config.dtype, remat=config.remat,
                   **common.environment(), tokens_per_image=config.num_tokens, num_blocks=len(config.blocks),
-                  num_params=num_params, param_noise=bench.param_noise, steps=steps, repeats=repeats)
-    record.update(bench_train(config, variables, images, cond, steps=steps, repeats=repeats))
+                  num_params=num_params, param_noise=bench.param_noise, steps=steps, repeats=repeats,
+                  load_avg_1min=os.getloadavg()[0])
+    calls = {}
+    train_call, compile_s, losses = prepare_train(config, variables, images, cond)
+    calls["train"] = (train_call, steps)
+    record["compile_s"] = compile_s
+    if not skip_sampling:
+        seq_call, seq_compile, seq_info = prepare_sample(config, variables, noise, cond, jacobi=None)
+        jac_call, jac_compile, jac_info = prepare_sample(config, variables, noise, cond, jacobi=JACOBI)
+        calls["seq"], calls["jacobi"] = (seq_call, 1), (jac_call, 1)
+        record.update(sample_seq_compile_s=seq_compile, sample_jacobi_compile_s=jac_compile)
+    if torch_side_by_side:
+        import torch
+
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        record["torch"] = torch.__version__
+        record["torch_threads"] = torch.get_num_threads()
+        t_train, t_seq, dz, ds = torch_side(config, variables, images, cond, noise, bench.cond)
+        record.update(torch_max_abs_diff_z=dz, torch_max_abs_diff_samples=ds)
+        calls["torch_train"] = (t_train, steps)
+        if not skip_sampling:
+            calls["torch_seq"] = (t_seq, 1)
+    peak = common.matmul_peak_flops()
+    common.log(f"matmul peak (float32, best of 512^2..2048^2): {peak['peak'] / 1e9:.1f} GFLOP/s ({ {k: round(v / 1e9, 1) for k, v in peak.items()} })")
+    record.update(matmul_peak_gflops=peak["peak"] / 1e9, matmul_xla_gflops=peak["xla"] / 1e9,
+                  matmul_torch_gflops=peak["torch"] / 1e9 if "torch" in peak else None)
+
+    timings = common.time_alternating(calls, repeats=repeats)
+    for key, timing in timings.items():
+        common.log(f"{key}: {timing.median * 1e3:.1f} ms per call (runs {[round(t * 1e3, 1) for t in timing.runs]})")
+    fwd = flow_flops(config, batch)
+    frac = lambda flops, timing: flops / timing.median / peak["peak"]  # noqa: E731
+    t = timings["train"]
+    first, last = float(losses["first"]), float(losses["last"])
+    if not (np.isfinite(first) and np.isfinite(last)):
+        common.log("WARNING: non-finite training loss (reported as null); the step timings still stand")
+    record.update(train_steps_per_s=t.per_second, train_step_ms=t.median * 1e3, train_peak_fraction=frac(3 * fwd, t),
+                  train_loss_first=_finite_or_none(first), train_loss=_finite_or_none(last),
+                  forward_gflops=fwd / 1e9)
     sample_keys = ("sample_seq_images_per_s", "sample_seq_tokens_per_s", "sample_jacobi_images_per_s",
                    "sample_jacobi_tokens_per_s", "jacobi_iterations", "jacobi_speedup",
                    "sample_seq_compile_s", "sample_jacobi_compile_s", "sample_finite")
     if skip_sampling:
         record.update(dict.fromkeys(sample_keys))
     else:
-        seq, seq_compile, _, seq_finite = bench_sample(config, variables, noise, cond, jacobi=None, repeats=repeats)
-        jac, jac_compile, iterations, jac_finite = bench_sample(config, variables, noise, cond, jacobi=JACOBI,
-                                                                repeats=repeats)
-        t = config.num_tokens
-        record.update(sample_seq_images_per_s=seq, sample_seq_tokens_per_s=seq * t, sample_jacobi_images_per_s=jac,
-                      sample_jacobi_tokens_per_s=jac * t, jacobi_iterations=iterations, jacobi_speedup=jac / seq,
-                      sample_seq_compile_s=seq_compile, sample_jacobi_compile_s=jac_compile,
-                      sample_finite=seq_finite and jac_finite)
+        seq, jac = batch / timings["seq"].median, batch / timings["jacobi"].median
+        iterations = np.asarray(jac_info["info"]["iterations"]).tolist()
+        finite = bool(jnp.all(jnp.isfinite(seq_info["images"])) & jnp.all(jnp.isfinite(jac_info["images"])))
+        tokens = config.num_tokens
+        record.update(sample_seq_images_per_s=seq, sample_seq_tokens_per_s=seq * tokens,
+                      sample_jacobi_images_per_s=jac, sample_jacobi_tokens_per_s=jac * tokens,
+                      jacobi_iterations=iterations, jacobi_speedup=jac / seq, sample_finite=finite,
+                      jacobi_max_abs_diff_vs_seq=float(jnp.max(jnp.abs(jac_info["images"] - seq_info["images"]))),
+                      sample_seq_peak_fraction=frac(fwd, timings["seq"]),
+                      sample_jacobi_peak_fraction=frac(fwd, timings["jacobi"]))
+    if torch_side_by_side:
+        tt = timings["torch_train"]
+        record.update(torch_train_steps_per_s=tt.per_second, torch_train_peak_fraction=frac(3 * fwd, tt),
+                      train_vs_torch=tt.median / t.median)
+        if not skip_sampling:
+            ts = timings["torch_seq"]
+            record.update(torch_sample_seq_images_per_s=batch / ts.median, torch_sample_seq_peak_fraction=frac(fwd, ts),
+                          sample_seq_vs_torch=ts.median / timings["seq"].median,
+                          sample_best_vs_torch=ts.median / min(timings["seq"].median, timings["jacobi"].median))
+        common.log("ours / PyTorch: " + ", ".join(f"{k} {record[k]:.2f}x" for k in
+                                                  ("train_vs_torch", "sample_seq_vs_torch", "sample_best_vs_torch")
+                                                  if k in record))
     return {k: common.round_sig(v) if isinstance(v, float) else v for k, v in record.items()}
 
 
@@ -203,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--remat", choices=REMAT_POLICIES, default="none", help="rematerialisation policy")
     parser.add_argument("--skip-sampling", action="store_true", help="time training only (sampling keys null)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed of params, perturbation and inputs")
+    parser.add_argument("--no-torch", action="store_true",
+                        help="skip the PyTorch side-by-side (torch_ref) timings and ratios")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: os.cpu_count(), the size of XLA's CPU thread pool)")
     parser.add_argument("--list", action="store_true", help="list the named configs and exit")
     return parser
 
@@ -218,7 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.steps < 1 or args.repeats < 1:
         raise SystemExit(f"--steps={args.steps} and --repeats={args.repeats} must both be >= 1")
     record = run(args.config, batch=args.batch, steps=args.steps, repeats=args.repeats, dtype=args.dtype,
-                 remat=args.remat, skip_sampling=args.skip_sampling, seed=args.seed)
+                 remat=args.remat, skip_sampling=args.skip_sampling, seed=args.seed,
+                 torch_side_by_side=not args.no_torch, threads=args.threads)
     common.emit(record)
     return 0
 
