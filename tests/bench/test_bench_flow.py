@@ -16,10 +16,14 @@ REQUIRED_KEYS = (
     "benchmark", "config", "batch", "dtype", "remat", "devices", "jax", "train_steps_per_s", "train_step_ms",
     "compile_s", "sample_seq_images_per_s", "sample_seq_tokens_per_s", "sample_jacobi_images_per_s",
     "sample_jacobi_tokens_per_s", "jacobi_iterations", "jacobi_speedup",
+    # side by side with PyTorch, and fractions of the matmul peak measured in the same run
+    "torch", "torch_max_abs_diff_z", "torch_max_abs_diff_samples", "matmul_peak_gflops", "train_peak_fraction",
+    "train_vs_torch", "sample_seq_vs_torch", "sample_best_vs_torch", "sample_seq_peak_fraction",
 )
 POSITIVE_KEYS = (
     "train_steps_per_s", "train_step_ms", "compile_s", "sample_seq_images_per_s", "sample_seq_tokens_per_s",
     "sample_jacobi_images_per_s", "sample_jacobi_tokens_per_s", "jacobi_speedup",
+    "train_vs_torch", "sample_seq_vs_torch", "sample_best_vs_torch", "matmul_peak_gflops", "train_peak_fraction",
 )
 
 
@@ -44,6 +48,9 @@ def test_tiny_config_prints_one_json_line(capsys):
     iterations = record["jacobi_iterations"]
     assert len(iterations) == 2 and all(1 <= i <= 32 for i in iterations), iterations
     assert math.isfinite(record["train_loss"]) and record["sample_finite"] is True
+    # the PyTorch side computed the same model before it was timed
+    assert record["torch_max_abs_diff_z"] < 1e-3 and record["torch_max_abs_diff_samples"] < 1e-3
+    assert 0 < record["train_peak_fraction"] < 1.5  # analytic FLOPs over the measured peak: a sanity bound
 
 
 def test_list_names_every_config(capsys):
