@@ -44,3 +44,9 @@ quote_words() {
   done
   echo "${out}"
 }
+
+# header_usage FILE: the script's leading comment block (from line 2 to the first line that is not a
+# comment), without the "# ", on stderr: every launcher's --help.
+header_usage() {
+  awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "$1" >&2
+}

@@ -30,7 +30,7 @@ REPO_ROOT="$(cd "${SCRIPT_DIR}/../.." && pwd)"
 # shellcheck source=launch/common.sh
 source "${REPO_ROOT}/launch/common.sh"
 
-usage() { sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; }
+usage() { header_usage "${BASH_SOURCE[0]}"; }
 
 NODES="" GPUS=8 PER=gpu WORKDIR="" VENV="${REPO_ROOT}/.venv" PORT=8476
 SBATCH_OPTS=()

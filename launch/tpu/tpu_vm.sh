@@ -43,7 +43,7 @@ source "${REPO_ROOT}/launch/common.sh"
 REMOTE_DIR='~/starflow2-jax'
 ARCHIVE="starflow2-jax.tar.gz"
 
-usage() { sed -n '2,32p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; }
+usage() { header_usage "${BASH_SOURCE[0]}"; }
 
 ACTION="${1:-}"
 [[ -n "${ACTION}" ]] || { usage; exit 2; }

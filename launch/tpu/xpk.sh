@@ -9,6 +9,7 @@
 #   create   xpk workload create: the same command on every VM of every slice
 #            (`starflow2 STARFLOW2 ARGS... --workdir WORKDIR` in /app), restarted up to
 #            --max-restarts times; after a restart the run resumes from WORKDIR's latest checkpoint
+#            (a `train` that SIGTERM stopped exits 143 after saving, so preemption counts as a failure)
 #   logs     stream the output of every pod (kubectl logs -f over the JobSet's pods)
 #   list     xpk workload list
 #   delete   xpk workload delete
@@ -31,7 +32,7 @@ REPO_ROOT="$(cd "${SCRIPT_DIR}/../.." && pwd)"
 # shellcheck source=launch/common.sh
 source "${REPO_ROOT}/launch/common.sh"
 
-usage() { sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; }
+usage() { header_usage "${BASH_SOURCE[0]}"; }
 
 ACTION="${1:-}"
 [[ -n "${ACTION}" ]] || { usage; exit 2; }
@@ -71,13 +72,17 @@ XPK_COMMON=()
 
 need() { [[ -n "$2" ]] || die "${ACTION} needs $1"; }
 
-# The command every pod runs: cd /app, exports, starflow2 ... --workdir.
+# The command every pod runs: cd /app, exports, starflow2 ... --workdir. A preempted `train` saves
+# its step and would exit 0, which a JobSet takes for "finished"; it exits PREEMPTED_EXIT_CODE
+# instead (128 + SIGTERM), so the JobSet restarts it (counted against --max-restarts) and it resumes.
+PREEMPTED_EXIT_CODE=143
 pod_command() {
-  local cmd="cd /app && export STARFLOW2_DISTRIBUTED=auto" assignment
+  local cmd="cd /app && export STARFLOW2_DISTRIBUTED=auto" assignment extra=()
   for assignment in "${ENVS[@]}"; do
     cmd+=" && export ${assignment%%=*}=$(quote_word "${assignment#*=}")"
   done
-  echo "${cmd} && starflow2 $(quote_words "${COMMAND[@]}" --workdir "${WORKDIR}")"
+  [[ "${COMMAND[0]}" != "train" ]] || extra=(--preempted-exit-code "${PREEMPTED_EXIT_CODE}")
+  echo "${cmd} && starflow2 $(quote_words "${COMMAND[@]}" "${extra[@]}" --workdir "${WORKDIR}")"
 }
 
 case "${ACTION}" in

@@ -5,7 +5,9 @@ The config file's ``get_config(PRESET)`` plus the overrides is validated before 
 one. SIGTERM saves the current step and exits 0. Every error that stops a start (a bad config, a
 locked workdir, a config that differs from the stored run's, a damaged checkpoint, a bad dataset)
 is one line on stderr and exit status 2, with nothing written; a run that ends without a final
-checkpoint (non-finite steps) exits 1 and says why. Prints where everything goes, then a JSON summary
+checkpoint (non-finite steps) exits 1 and says why. ``--preempted-exit-code N`` makes a run that
+SIGTERM stopped (after saving) exit N instead of 0: a scheduler that restarts only failed jobs (a
+GKE JobSet under xpk, ``launch/tpu/xpk.sh``) then restarts it, and the restart resumes. Prints where everything goes, then a JSON summary
 of the last logged metrics on stdout.
 """
 
@@ -24,7 +26,7 @@ EXTRA_ARGS = True
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = ("starflow2 train --config FILE[:PRESET] --workdir DIR [--config.FIELD=VALUE ...] "
-                    "[--stop-after STEP] [--resume-intact] [--no-verify] [--verbose]")
+                    "[--stop-after STEP] [--resume-intact] [--no-verify] [--preempted-exit-code N] [--verbose]")
     parser.add_argument("--config", required=True, metavar="FILE[:PRESET]",
                         help="config file and preset, e.g. configs/demo.py or configs/demo.py:caption")
     parser.add_argument("--workdir", required=True, metavar="DIR",
@@ -36,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "steps are moved aside to <step>.damaged) instead of stopping")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip checking the restored checkpoint against its checksum manifest (huge checkpoints)")
+    parser.add_argument("--preempted-exit-code", type=int, default=0, metavar="N",
+                        help="exit status of a run that SIGTERM stopped after saving its step (default 0; non-zero "
+                             "makes a scheduler that restarts only failed jobs, e.g. a JobSet, restart it)")
     parser.add_argument("--verbose", action="store_true", help="keep the INFO logs of Orbax, grain and TFDS")
     add_distributed_arguments(parser)
 
@@ -95,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         return fail(NAME, error)
     if args.stop_after is not None and args.stop_after < 1:
         return fail(NAME, f"--stop-after {args.stop_after}: expected a step >= 1")
+    if not 0 <= args.preempted_exit_code <= 255:
+        return fail(NAME, f"--preempted-exit-code {args.preempted_exit_code}: expected an exit status 0..255")
     workdir = os.path.abspath(os.path.expanduser(args.workdir))
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         return fail(NAME, f"--workdir {args.workdir!r} exists and is not a directory")
@@ -125,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
 
     if result.no_checkpoint:
         return fail(NAME, f"{done} No final checkpoint: {result.no_checkpoint}", status=1)
+    if result.interrupted:
+        note(f"{done} Rerun the same command to resume.")
+        return args.preempted_exit_code
     hint = families.get(config.model.family).next_steps(config, workdir)
     note(done + (f" Next:\n{hint}" if hint else ""))
     return 0

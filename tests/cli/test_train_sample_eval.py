@@ -328,3 +328,31 @@ def test_train_exits_1_when_the_run_ends_without_a_final_checkpoint(tmp_path, ca
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == ("starflow2 train: error: done at step 4. No final checkpoint: the latest step (4) was "
                     "non-finite (1 in a row)")
+
+
+@pytest.mark.parametrize("code", [0, 143])
+def test_a_run_stopped_by_sigterm_exits_with_the_preempted_exit_code(tmp_path, monkeypatch, capsys, code):
+    """The loop's SIGTERM path is tested in tests/train; here only the exit status the CLI maps it to
+    (a JobSet restarts a pod only when it fails: xpk.sh passes 143)."""
+    from starflow2_jax.train import loop
+
+    seen = {}
+
+    def stopped_train(config, workdir, **kwargs):
+        seen["workdir"] = workdir
+        return loop.TrainResult(state=None, extra_vars=None, step=7, metrics={"loss": 1.0}, interrupted=True)
+
+    monkeypatch.setattr(loop, "train", stopped_train)
+    workdir = str(tmp_path / "run")
+    args = ["train", "--config", SMOKE, "--workdir", workdir] + (["--preempted-exit-code", str(code)] if code else [])
+    assert main(args) == code
+    assert seen["workdir"] == workdir
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])["interrupted"] is True
+    assert "stopped by SIGTERM at step 7. Rerun the same command to resume." in err
+
+
+def test_a_preempted_exit_code_outside_0_255_is_refused(tmp_path, capsys):
+    assert main(["train", "--config", SMOKE, "--workdir", str(tmp_path / "run"), "--preempted-exit-code", "256"]) == 2
+    assert "--preempted-exit-code 256: expected an exit status 0..255" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -96,7 +96,7 @@ def test_xpk_dry_run():
     pod = shlex.split(cmd[-1][len("--command="):])
     assert pod == ["cd", "/app", "&&", "export", "STARFLOW2_DISTRIBUTED=auto", "&&", "export", "A=1", "&&",
                    "starflow2", "train", "--config",
-                   "configs/fae.py:g14_256,ib", "--workdir", "gs://b/run"]
+                   "configs/fae.py:g14_256,ib", "--preempted-exit-code", "143", "--workdir", "gs://b/run"]
     logs = _commands(_run("launch/tpu/xpk.sh", "logs", "--dry-run", "--cluster", "c1", "--workload", "stage3").stdout)
     assert logs[-1][:2] == ["kubectl", "logs"] and "--selector=jobset.sigs.k8s.io/jobset-name=stage3" in logs[-1]
     result = _run("launch/tpu/xpk.sh", "create", "--dry-run", "--cluster", "c1", "--workload", "w")
