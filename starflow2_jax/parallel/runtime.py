@@ -32,6 +32,7 @@ import time
 from typing import Callable, NamedTuple, TypeVar
 
 import jax
+import numpy as np
 
 ENV_COORDINATOR = "STARFLOW2_COORDINATOR"
 ENV_NUM_PROCESSES = "STARFLOW2_NUM_PROCESSES"
@@ -207,9 +208,28 @@ def set_compilation_cache(directory: str) -> None:
 def process_0_first(fn: Callable[[], T], name: str) -> T:
     """``fn()`` on process 0 first, then (after a barrier named ``name``) on the others: for work
     that creates shared files (e.g. a dataset builder writing TFDS files), which the other processes
-    then find ready. On one process just ``fn()``."""
+    then find ready. On one process just ``fn()``. When ``fn`` raises on process 0, process 0
+    re-raises it and every other process raises a RuntimeError naming ``name`` (instead of waiting
+    at the barrier for a process that will never come)."""
     if jax.process_count() == 1:
         return fn()
+    from jax.experimental import multihost_utils
+
+    def process_0_succeeded(ok: bool) -> bool:  # the barrier, carrying process 0's outcome
+        return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+    if jax.process_index() == 0:
+        try:
+            result = fn()
+        except BaseException:
+            process_0_succeeded(False)
+            raise
+        process_0_succeeded(True)
+        return result
+    if not process_0_succeeded(True):
+        raise RuntimeError(f"{name}: process 0 failed at this step (its error is in its own log); process "
+                           f"{jax.process_index()} stops too")
+    return fn()
     from jax.experimental import multihost_utils
 
     if jax.process_index() == 0:

@@ -101,3 +101,62 @@ def test_compilation_cache_and_host_log(tmp_path):
 
 def test_process_0_first_on_one_process_just_runs():
     assert parallel.process_0_first(lambda: 42, "x") == 42
+
+
+PROCESS_0_FIRST = """
+import os, sys, time
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, {root!r})
+from starflow2_jax import parallel
+parallel.initialize()  # from STARFLOW2_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID
+import jax
+index = jax.process_index()
+shared = {shared!r}
+
+def build():  # process 0 writes the file; the others must find it written
+    if index == 0:
+        time.sleep(1.0)
+        open(shared, "w").write("ready")
+    return open(shared).read()
+
+print("FIRST", parallel.process_0_first(build, "build"), flush=True)
+
+def broken():
+    if index == 0:
+        raise OSError("disk full")
+    return "never"
+
+try:
+    parallel.process_0_first(broken, "broken")
+except Exception as error:
+    print("SECOND", type(error).__name__, error, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_process_0_first_on_two_processes_orders_the_work_and_propagates_a_failure(tmp_path):
+    """Two real processes over loopback: the others run ``fn`` only after process 0 finished it, and a
+    failure on process 0 stops the others with an error naming the step (no barrier left waiting)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = PROCESS_0_FIRST.format(root=str(ROOT), shared=str(tmp_path / "shared.txt"))
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, STARFLOW2_COORDINATOR=f"127.0.0.1:{port}", STARFLOW2_NUM_PROCESSES="2",
+                   STARFLOW2_PROCESS_ID=str(pid), XLA_FLAGS="--xla_force_host_platform_device_count=1")
+        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, cwd=tmp_path, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outs = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=180)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        outs.append((out, err))
+    for out, err in outs:
+        assert "FIRST ready" in out, err[-3000:]
+    assert "SECOND OSError disk full" in outs[0][0], outs[0][1][-3000:]
+    assert ("SECOND RuntimeError broken: process 0 failed at this step (its error is in its own log); process 1 "
+            "stops too") in outs[1][0], outs[1][1][-3000:]
