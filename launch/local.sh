@@ -12,12 +12,21 @@
 #   STARFLOW2_DEMO_CONFIG      the demo's config (default configs/demo.py; the tests use
 #                              configs/demo.py:runlocal, a few steps of a tiny model)
 #   STARFLOW2_PYTHON           interpreter used to create .venv (default: python3.11, else python3)
+#   JAX_PLATFORMS              left as set; when unset and the machine shows no TPU (/dev/accel*,
+#                              /dev/vfio/N) and no NVIDIA GPU (nvidia-smi), set to "cpu", so the pinned
+#                              libtpu (there for `starflow2 aot`) does not probe for a TPU, and print an
+#                              error about it, at every start
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${REPO_ROOT}/.venv"
 LOCK="${REPO_ROOT}/launch/requirements.lock"
 STAMP="${VENV}/.starflow2-lock.sha256"
+
+if [[ -z "${JAX_PLATFORMS+set}" ]] && ! compgen -G "/dev/accel*" > /dev/null \
+    && ! compgen -G "/dev/vfio/[0-9]*" > /dev/null && ! command -v nvidia-smi > /dev/null 2>&1; then
+  export JAX_PLATFORMS=cpu
+fi
 
 log() { echo "[local.sh] $*" >&2; }
 die() { echo "[local.sh] error: $*" >&2; exit 1; }
