@@ -1,12 +1,16 @@
 """Pretzel (STARFlow2) benchmark: generation throughput, shared caches against re-encoding, train steps.
 
-    python -m starflow2_jax.bench pretzel [--size tiny|mid] [--batch B] [--guidance G] [--text-tokens T]
+    python -m starflow2_jax.bench pretzel [--size tiny|demo|mid] [--batch B] [--guidance G] [--text-tokens T]
         [--images 1,2,4] [--steps S] [--repeats R] [--skip-train] [--json PATH] [--list]
 
-Sizes (``--list``), built from ``pretzel.config`` presets (there is no ``demo`` preset yet):
+Sizes (``--list``):
 
 - ``tiny``: ``pretzel.tiny()`` (VLM width 64 × 2 layers, vocab 256; 8×8×1 images as 4×4 patches, N = 4
   slots of D = 16; flows of width 32, shallow 2 × 1, deep 2 layers);
+- ``demo``: the model of ``configs/starflow2.py:demo,stage3`` as the ``starflow2`` family builds it
+  (``train.tasks.starflow2.pretzel_config_from``; VLM width 128 × 4 layers, vocab 256; the digits at
+  32×32×1 as 4×4 patches, N = 64 slots of D = 16; flows of width 128, shallow 2 × 2, deep 4; rows of
+  256 with up to 2 images); run from the repository root;
 - ``mid``: a demo-like middle size, ``tiny`` with a VLM of width 256 × 4 layers (8 heads, 2 KV heads,
   vocab 4096), 32×32×3 images as 4×4 patches (an 8×8 grid: N = 64 slots of D = 48), flows of width 256
   (4 heads of 64), shallow 2 × 2, deep 6 layers, rows of 512 tokens with up to 6 images (three
@@ -38,8 +42,9 @@ Measured (compilation excluded and reported separately, see ``bench.common``; me
   ``reencode_over_shared`` = re-encoding time / shared time (above 1: the shared caches are faster).
   The latent space's pixel decoder and encoder are left out of both (a peer would also re-run its
   image encoder on the decoded pixels), so the ratio is a lower bound on a peer's cost.
-- train (stage 3): the ``starflow2`` training family is not in this tree yet, so the step is built
-  here: ``pretzel.loss`` (L_NF + λ·L_NTP with caption dropout) + its gradient in the trainable params
+- train (stage 3): the step is built here with the family's loss and AdamW hyper-parameters, without
+  the trainer's clip / schedule / non-finite guard (``bench.train`` times that chain for flows):
+  ``pretzel.loss`` (L_NF + λ·L_NTP with caption dropout) + its gradient in the trainable params
   + ``optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=1e-4)``, params and optimiser state donated, on
   one packed batch of ``--batch`` rows of ``seq_len`` tokens (documents text–image–text–image–text
   packed with segment ids; the frozen VLM passed separately, never differentiated).
@@ -76,17 +81,21 @@ JACOBI = dict(threshold=1e-3, max_iters=32)
 
 
 def train_path() -> str:
-    """What the train measurement times, and why (recorded in the JSON)."""
-    from starflow2_jax.train import families
-
-    why = ("the starflow2 training family exists but this bench does not use its step yet"
-           if "starflow2" in families.names() else "the starflow2 training family is not in this tree yet")
-    return f"direct: pretzel.loss + jax.grad + optax.adamw ({why})"
+    """What the train measurement times (recorded in the JSON)."""
+    return "direct: pretzel.loss + jax.grad + optax.adamw (the family's loss and AdamW; no clip, schedule or guard)"
 
 
 def tiny_size() -> pretzel.PretzelConfig:
     """The ``tiny`` size: ``pretzel.tiny()``."""
     return pretzel.tiny()
+
+
+def demo_size() -> pretzel.PretzelConfig:
+    """The ``demo`` size: ``configs/starflow2.py:demo,stage3``'s model, as the training family builds it."""
+    from starflow2_jax.config_files import load_config
+    from starflow2_jax.train.tasks.starflow2 import pretzel_config_from
+
+    return pretzel_config_from(load_config("configs/starflow2.py:demo,stage3"))
 
 
 def mid_size() -> pretzel.PretzelConfig:
@@ -100,8 +109,8 @@ def mid_size() -> pretzel.PretzelConfig:
                         shallow_blocks=2, shallow_layers=2, deep_layers=6, seq_len=512, max_images=6)
 
 
-SIZES = {"tiny": tiny_size, "mid": mid_size}
-DEFAULT_BATCH = {"tiny": 4, "mid": 2}
+SIZES = {"tiny": tiny_size, "demo": demo_size, "mid": mid_size}
+DEFAULT_BATCH = {"tiny": 4, "demo": 8, "mid": 2}
 
 
 def describe(config: pretzel.PretzelConfig) -> str:
