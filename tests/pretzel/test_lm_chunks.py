@@ -2,7 +2,7 @@
 
 Oracle: the full computation it replaces, written out here — the (B, L, vocab) logits of the whole
 row, log_softmax, the next token picked — for values and for gradients (in the trainable params and
-in both streams' outputs), at chunk sizes that divide L, that do not (padding), of 1 and above L.
+in both streams' outputs), at chunk sizes that do not divide L (padding), of 1, of L and above L.
 The memory claim is checked on the compiled program: its temporaries stay well below one (B, L,
 vocab) float32 array, where the full computation's do not.
 """
@@ -47,7 +47,7 @@ def _weighted_sum(fn, config, weights):
     return jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2)))
 
 
-@pytest.mark.parametrize("chunk", [1, 8, 16, 37, 512])
+@pytest.mark.parametrize("chunk", [1, 8, 37, 512])
 def test_chunked_nll_equals_the_full_logits_values_and_gradients(chunk):
     config = dataclasses.replace(tiny(), lm_chunk=chunk)
     params = active_params()  # W_D perturbed: the LM head reads y_vlm + W_D·y_D
