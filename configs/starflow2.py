@@ -11,10 +11,16 @@ Presets (``arg`` = ``size,stage[,runlocal]``):
 - ``tiny`` (default): ``pretzel.tiny`` — a random 2-layer VLM of width 64 (vocabulary: UTF-8 bytes),
   the embedded digits (8×8 grey) as 4×4 patches (N = 4 slots of D = 16), flows of width 32; rows of
   64 positions. Tests and a laptop CPU.
-- ``demo``: a random 4-layer VLM of width 128 (or the one ``configs/lm.py:demo`` trains and
-  ``starflow2 convert to-hf`` exports: ``--config.model.starflow2.vlm_checkpoint=DIR
-  --config.model.starflow2.tokenizer=''``), the digits at 32×32 as 4×4 patches (N = 64 slots of
-  16), flows of width 128 (shallow 2 × 2, deep 4); rows of 256 positions with up to 2 images.
+- ``demo``: the digits demo's stages 1–3. The frozen VLM is the 4-layer, width-128 Qwen2.5-VL that
+  ``configs/lm.py:demo`` trains and ``starflow2 convert to-hf`` exports, with its tokenizer
+  (``--config.model.starflow2.vlm_checkpoint=DIR``; ``tokenizer`` '' reads DIR's; for a random VLM give
+  ``--config.model.starflow2.tokenizer=bytes``). Data: ``data.builder='digits_documents'`` — the demo
+  corpus' templates (``data.demo_text``) with real train-split digits at 32×32 (``data.image_size``,
+  dequantised per pixel), the kinds of the stage's ``pairs``: stage 1 captions → image, "draw the digit
+  …", counting documents drawing each number, "Draw the next digit."; stage 2 image → caption and
+  "What digit is this?"; stage 3 all of them. 4×4 patches (N = 64 slots of D = 16), flows of width 128
+  (shallow 2 × 2, deep 4); rows of 384 positions with up to 4 images (a 4-image counting document is
+  ~300 positions).
 - ``7b``: the paper's sizes — Qwen2.5-VL-7B-Instruct (``model.starflow2.vlm_checkpoint``: a Hugging Face
   directory; its config must be the 7B text decoder), the DINOv2-g/14 FAE's 16×16 × 32 latents of
   256-px images (``model.starflow2.latent.fae_workdir``: the last FAE stage of ``configs/fae.py:g14_256``),
@@ -88,7 +94,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             s.latent.image_size, s.latent.channels, s.latent.patch = 32, 1, 4
             s.flow_width, s.flow_head_dim = 128, 32
             s.shallow_blocks, s.shallow_layers, s.deep_layers = 2, 2, 4
-            s.seq_len, s.max_images = 256, 2
+            s.seq_len, s.max_images = 384, 4
+            s.tokenizer = ""  # the stage-0 export's (vlm_checkpoint), required
+            c.data.builder = "digits_documents"
+            c.data.image_size = 32
         c.data.batch_size = 8
         c.optim.lr = 1e-3
         c.optim.min_lr = 1e-5
