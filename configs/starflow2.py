@@ -33,7 +33,7 @@ image); ``stage2`` adds the adapter and trains only it on L_NTP (pairs as image 
 ``stage3`` adds the bridges W_vlm and W_D and trains everything but the VLM and the FAE on
 L_NF + λ·L_NTP (pairs in either order). Each stage declares its new parts (``train.init_new``), so
 ``init_from`` the previous stage initialises exactly those fresh (zero-initialised outputs: the model
-starts as the previous stage's). ``runlocal`` shrinks any of them to a few steps.
+starts as the previous stage's). ``runlocal`` shrinks any of them to a few steps (and the demo's flows to tiny's widths).
 **[choice]** step counts, learning rates, λ = 1 (the paper reports none).
 """
 
@@ -145,4 +145,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.batch_size = 4
         c.sample.per_class = 2
         c.sample.guidance = [0.0]
+        if size == "demo":  # seconds per stage: the demo's data and VLM, flows as small as tiny's
+            s.flow_width, s.flow_head_dim = 32, 16
+            s.shallow_blocks, s.shallow_layers, s.deep_layers = 2, 1, 1
     return c
