@@ -1,5 +1,6 @@
 """Data: TFDS builders (ArrayRecord) for the embedded digits, photo tiles, users' image–text pairs and interleaved
-documents; grain pipelines; packing documents into fixed-length rows; checks that name a damaged dataset file.
+documents; grain pipelines; packing documents into fixed-length rows; checks that name a damaged dataset file;
+the digits demo's text (demo_text), tokenizer (demo_tokenizer) and STARFlow2 documents (digits_documents).
 
 A leaf package: it imports neither models nor training code. Typical use::
 

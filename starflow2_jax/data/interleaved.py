@@ -178,19 +178,27 @@ class Starflow2Interleaved(tfds.core.GeneratorBasedBuilder):
 def document_items(example: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The item list of a stored example: ``[{'text': str} | {'image': uint8 (S, S, 3), 'target': bool}, ...]``.
 
-    Raises ValueError when ``kinds`` does not match the numbers of texts and images.
+    An example with an optional ``text_loss`` (bool per text; generated documents such as
+    ``data.digits_documents``' have one, stored JSONL documents do not) gives its text items a ``loss``
+    flag (False: context, not trained). Raises ValueError when ``kinds`` does not match the numbers of
+    texts and images (and ``text_loss`` flags).
     """
     kinds = [int(kind) for kind in example["kinds"]]
     texts, images, targets = list(example["texts"]), list(example["images"]), list(example["image_target"])
+    losses = list(example["text_loss"]) if "text_loss" in example else None
     if kinds.count(TEXT) != len(texts) or kinds.count(IMAGE) != len(images) or len(images) != len(targets) \
-            or len(kinds) != len(texts) + len(images):
+            or len(kinds) != len(texts) + len(images) or (losses is not None and len(losses) != len(texts)):
         raise ValueError(f"interleaved example {example.get('index', '?')}: kinds {kinds} do not match "
-                         f"{len(texts)} texts, {len(images)} images and {len(targets)} image_target flags")
+                         f"{len(texts)} texts, {len(images)} images and {len(targets)} image_target flags"
+                         + ("" if losses is None else f" and {len(losses)} text_loss flags"))
     items, text_iter, image_iter = [], iter(texts), iter(zip(images, targets))
+    loss_iter = iter(losses) if losses is not None else None
     for kind in kinds:
         if kind == TEXT:
             text = next(text_iter)
             items.append({"text": text.decode("utf-8") if isinstance(text, bytes) else str(text)})
+            if loss_iter is not None:
+                items[-1]["loss"] = bool(next(loss_iter))
         else:
             image, target = next(image_iter)
             items.append({"image": np.asarray(image), "target": bool(target)})

@@ -56,7 +56,11 @@ for reference; their definitions live in ``train.tasks.flow`` / ``train.tasks.fa
                               digits, RGB 64×64) | 'directory' (a prepared TFDS
                               dataset directory, ``tfds.builder_from_directory(data.data_dir)``) |
                               'interleaved' (JSONL documents, data.interleaved) | 'image_text' (JSONL pairs or
-                              class folders, data.image_text): these two for model.family='starflow2' only
+                              class folders, data.image_text) | 'digits_documents' (the digits demo's
+                              documents: demo_text's templates with real digits of the train split,
+                              data.digits_documents): these three for model.family='starflow2' only
+    data.kinds                'digits_documents': the document kinds to draw (data.digits_documents.KINDS; a
+                              subset of those model.starflow2.pairs reads); empty: all of those
     data.data_dir             where the TFDS files live (built there on first use for 'digits')
     data.source               'interleaved' / 'image_text': the JSONL file (or class-folder root) the TFDS
                               files are built from, once, into data.data_dir
@@ -120,7 +124,8 @@ from starflow2_jax.train.config_fields import get as _get
 from starflow2_jax.train.config_fields import int_field as _int
 from starflow2_jax.train.tasks.fae import STAGES as FAE_STAGES  # noqa: F401  (configs/fae.py reads it here)
 
-BUILDERS = ("digits", "photos", "directory", "interleaved", "image_text")
+BUILDERS = ("digits", "photos", "directory", "interleaved", "image_text", "digits_documents")
+DOCUMENT_BUILDERS = ("interleaved", "image_text", "digits_documents")  # read by model.family='starflow2' only
 NOISE = ("none", "uniform", "gaussian")
 
 
@@ -134,7 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         builder="digits", data_dir="", source="", split="train", eval_split="test", levels=16, noise="uniform",
         noise_std=0.0, label_drop=0.1, caption_drop=0.1, batch_size=64, worker_count=0, image_size=0,
-        channels=0))
+        channels=0, kinds=()))
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-3, min_lr=1e-5, warmup_steps=100, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4,
         clip_norm=1.0, ema_decay=0.0))
@@ -166,10 +171,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _choice(config, "data.builder", BUILDERS)
     if _get(config, "data.builder") == "directory" and not _get(config, "data.data_dir"):
         raise ValueError("data.data_dir is empty: data.builder='directory' reads a prepared TFDS dataset there")
-    if _get(config, "data.builder") in ("interleaved", "image_text"):
+    if _get(config, "data.builder") in DOCUMENT_BUILDERS:
         if family != "starflow2":
             raise ValueError(f"data.builder={config.data.builder!r}: documents are read by model.family='starflow2' "
                              f"(got {family!r})")
+    kinds = _get(config, "data.kinds")
+    if isinstance(kinds, str) or not isinstance(kinds, (list, tuple)):
+        raise ValueError(f"data.kinds={kinds!r}: expected a list of document kinds (data.builder='digits_documents')")
+    if kinds and _get(config, "data.builder") != "digits_documents":
+        raise ValueError(f"data.kinds={list(kinds)}: only data.builder='digits_documents' draws document kinds "
+                         f"(data.builder is {config.data.builder!r}); expected []")
     if not isinstance(_get(config, "data.source"), str):
         raise ValueError(f"data.source={config.data.source!r}: expected a path string (the JSONL file that "
                          f"data.builder 'interleaved' / 'image_text' builds its dataset from)")

@@ -20,8 +20,8 @@ def data_dir(config, workdir: os.PathLike | str) -> str:
     return config.data.data_dir or os.path.join(os.fspath(workdir), "tfds")
 
 
-def make_source(config, split: str, workdir: os.PathLike | str):
-    """The random-access TFDS data source of ``split`` for ``config.data.builder``.
+def make_source(config, split: str, workdir: os.PathLike | str, *, builder: str | None = None):
+    """The random-access TFDS data source of ``split`` for ``builder`` (default ``config.data.builder``).
 
     The dataset's files are checked first (``data.check.check_dataset_dir``): a missing or damaged
     file is a ``DatasetError`` (a ValueError) naming it and ``data.data_dir``, also when a record
@@ -29,7 +29,7 @@ def make_source(config, split: str, workdir: os.PathLike | str):
     """
     from starflow2_jax.data.check import NamedSource, check_dataset_dir
 
-    builder = config.data.builder
+    builder = builder or config.data.builder
     if builder in ("digits", "photos"):
         from starflow2_jax.data.digits import build_digits
         from starflow2_jax.data.photos import build_photos

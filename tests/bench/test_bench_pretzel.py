@@ -93,7 +93,7 @@ def test_sizes_and_arguments(capsys):
     out = capsys.readouterr().out
     assert "tiny" in out and "mid" in out and "demo" in out
     demo = bench_pretzel.demo_size()  # the family's demo model, not a copy of its numbers
-    assert (demo.num_slots, demo.latent_dim, demo.flow_width, demo.deep_layers, demo.seq_len) == (64, 16, 128, 4, 256)
+    assert (demo.num_slots, demo.latent_dim, demo.flow_width, demo.deep_layers, demo.seq_len) == (64, 16, 128, 4, 384)
     mid = bench_pretzel.mid_size()
     assert mid.num_slots == 64 and mid.latent_dim == 48 and mid.validate() is mid
     for argv, message in ((["--size", "huge"], "huge"), (["--images", "0,1"], "--images"),

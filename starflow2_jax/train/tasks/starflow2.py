@@ -323,6 +323,24 @@ def validate(config) -> None:
         fae_config_from_dict(config.model.starflow2.latent.fae.to_dict())
     if config.model.starflow2.latent.kind == "patches" and not config.model.starflow2.latent.fae_workdir == "":
         raise ValueError(f"{p}.latent.fae_workdir is set but latent.kind='patches'")
+    size = fields.int_field(config, "data.image_size", 0)
+    if kind == "patches" and size not in (0, config.model.starflow2.latent.image_size):
+        raise ValueError(f"data.image_size={size}: the images are laid out at {p}.latent.image_size="
+                         f"{config.model.starflow2.latent.image_size}; expected 0 (resized after the noise) or that size")
+    if fields.get(config, "data.builder") == "digits_documents":
+        _validate_digits_documents(config)
+
+
+def _validate_digits_documents(config) -> None:
+    """data.builder='digits_documents': the kinds fit ``pairs``; documents come from the train split only."""
+    from starflow2_jax.data.digits_documents import stage_kinds
+
+    stage_kinds(config.model.starflow2.pairs, fields.get(config, "data.kinds"))
+    split = fields.get(config, "data.split")
+    if split != "train":
+        raise ValueError(f"data.split={split!r}: data.builder='digits_documents' draws its documents from the digits' "
+                         f"'train' split only (the 297 held-out 'test' digits are the demo's scoring set); expected "
+                         f"'train'")
 
 
 def resolve(config) -> None:

@@ -1,11 +1,14 @@
 """STARFlow2's training data: stored documents → the Pretzel layout → packed rows (``data.packing``).
 
 Every ``data.builder`` works: image–text pairs ('digits', 'photos', 'directory', 'image_text': the
-document caption → image) and interleaved documents ('interleaved', the JSONL builder). Per document
-(``LayoutPreprocess``, a grain random-map transform inside ``data.pipeline.make_packed_pipeline``):
-``data.documents.DocumentPreprocess`` (decode, scale to [−1, 1], noise, a random caption of a pair),
-each image converted to the latent space's shape (channels, integer resize), then
-``pretzel.layout_document`` with the config's tokenizer. Rows of ``model.starflow2.seq_len`` positions
+document caption → image) and interleaved documents ('interleaved', the JSONL builder), and the digits
+demo's documents ('digits_documents': ``data.digits_documents``, the ``demo_text`` templates with real
+digits of the train split, drawn afresh every epoch; ``data.kinds`` or the kinds
+``model.starflow2.pairs`` reads). Per document (``LayoutPreprocess``, a grain random-map transform
+inside ``data.pipeline.make_packed_pipeline``): ``data.documents.DocumentPreprocess`` (decode, scale to
+[−1, 1], resize to ``data.image_size`` / ``data.channels``, noise, a random caption of a pair), each
+image converted to the latent space's shape (channels, integer resize) when it is not yet, then
+``pretzel.layout_document`` with the config's tokenizer (text items with ``loss`` False are context). Rows of ``model.starflow2.seq_len`` positions
 and ``max_images`` images; a document that can never fit is an error naming it (or dropped with
 ``model.starflow2.overflow='drop'``). Caption dropout for guidance happens in the loss
 (``pretzel.losses.caption_dropout``: the text masked out of attention, SPEC §5.3), not here.
@@ -51,6 +54,10 @@ class HFTokenizer:
             import tokenizers
 
             path = os.path.join(self.directory, "tokenizer.json")
+            if not self.directory:
+                raise ValueError("model.starflow2.tokenizer='' reads the tokenizer.json of "
+                                 "model.starflow2.vlm_checkpoint, which is empty too: give the VLM directory (the "
+                                 "digits demo: stage 0's `starflow2 convert to-hf` output) or tokenizer='bytes'")
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"model.starflow2.tokenizer: no tokenizer.json in {self.directory!r}")
             self._tok = tokenizers.Tokenizer.from_file(path)
@@ -101,13 +108,14 @@ class LayoutPreprocess:
     def __call__(self, example: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         doc = self.documents(example, rng)
         shape = tuple(self.config.latent.image_shape)
-        items = [pretzel.Text(item["text"]) if "text" in item else
+        items = [pretzel.Text(item["text"], loss=bool(item.get("loss", True))) if "text" in item else
                  pretzel.Image(_to_shape(item["image"], shape), target=bool(item["target"]))
                  for item in doc["items"]]
-        order = self.pairs if self.pairs != "mixed" else ("t2i", "i2t")[int(rng.integers(2))]
-        if "kinds" not in example and order == "i2t":  # understanding: the image is context, the caption trained
-            items = [pretzel.Image(i.pixels, target=False) for i in items if isinstance(i, pretzel.Image)] + \
-                [i for i in items if isinstance(i, pretzel.Text)]
+        if doc.get("pair", "kinds" not in example):  # documents with their own order keep it
+            order = self.pairs if self.pairs != "mixed" else ("t2i", "i2t")[int(rng.integers(2))]
+            if order == "i2t":  # understanding: the image is context, the caption trained
+                items = [pretzel.Image(i.pixels, target=False) for i in items if isinstance(i, pretzel.Image)] + \
+                    [i for i in items if isinstance(i, pretzel.Text)]
         try:
             return pretzel.layout_document(self.config, items, encode=self.encode)
         except ValueError as error:
@@ -124,11 +132,15 @@ def packing_spec(config: pretzel.PretzelConfig, *, bins: int = 16, overflow: str
 
 
 def make_source(config, split: str, workdir):
-    """The random-access source of ``split``: the pair builders of ``train.inputs`` or the JSONL builders
-    ('interleaved', 'image_text': built once from ``data.source`` into ``data.data_dir``)."""
+    """The random-access source of ``split``: the pair builders of ``train.inputs``, the JSONL builders
+    ('interleaved', 'image_text': built once from ``data.source`` into ``data.data_dir``), or for
+    'digits_documents' the embedded digits' pairs of ``split`` (training draws its documents from the
+    'train' split's digits; ``starflow2 eval bpd`` reads the held-out 'test' digits as caption → image)."""
     from starflow2_jax.train import inputs
 
     d = config.data
+    if d.builder == "digits_documents":
+        return inputs.make_source(config, split, workdir, builder="digits")
     if d.builder not in ("interleaved", "image_text"):
         return inputs.make_source(config, split, workdir)
     if not d.source:
@@ -147,6 +159,55 @@ def make_source(config, split: str, workdir):
     return NamedSource(builder.as_data_source(split), builder.data_dir, split, value=where)
 
 
+def longest_digits_documents(pcfg: pretzel.PretzelConfig, encode, kinds, pairs: str) -> dict[str, tuple]:
+    """Per kind of ``data.digits_documents``: ``(positions, images, text)`` of its longest document laid out
+    for ``pcfg`` with ``encode`` (every document the kind can draw, ``document_space``, is laid out)."""
+    from starflow2_jax.data import demo_text
+    from starflow2_jax.data import digits_documents as dd
+
+    roomy = dataclasses.replace(pcfg, seq_len=1 << 30, max_images=1 << 10)  # measure, never refuse
+    blank = np.zeros(tuple(pcfg.latent.image_shape), np.float32)
+    out = {}
+    for kind in kinds:
+        longest = (0, 0, "")
+        for document in dd.document_space(kind, pairs):
+            items = [pretzel.Text(i["text"], loss=i["loss"]) if "text" in i else pretzel.Image(blank)
+                     for i in dd.document_items(document)]
+            size = (len(pretzel.layout_document(roomy, items, encode=encode)["tokens"]), len(document.digits))
+            if size > longest[:2]:
+                longest = size + (demo_text.render(document, 1),)
+        out[kind] = longest
+    return out
+
+
+def check_digits_documents_fit(pcfg: pretzel.PretzelConfig, encode, kinds, pairs: str) -> None:
+    """ValueError naming ``model.starflow2.seq_len`` / ``max_images`` when the longest document of one of
+    ``kinds`` does not fit a row (``longest_digits_documents``)."""
+    for kind, (length, images, text) in longest_digits_documents(pcfg, encode, kinds, pairs).items():
+        shown = text.replace("\n", " ")[:120]
+        if images > pcfg.max_images:
+            raise ValueError(f"model.starflow2.max_images={pcfg.max_images}: data.builder='digits_documents' draws "
+                             f"{kind!r} documents of up to {images} images ({shown!r}); expected max_images >= "
+                             f"{images}, or data.kinds without {kind!r}")
+        if length > pcfg.seq_len:
+            raise ValueError(f"model.starflow2.seq_len={pcfg.seq_len}: the longest {kind!r} document of "
+                             f"data.builder='digits_documents' is {length} positions ({shown!r}, {images} images of "
+                             f"{pcfg.num_slots} slots); expected seq_len >= {length}, or data.kinds without {kind!r}")
+
+
+def digits_documents(config, workdir, pcfg: pretzel.PretzelConfig, encode, documents):
+    """``(source, documents transform)`` of data.builder='digits_documents': ``DOCUMENTS_PER_EPOCH``
+    indices and ``data.digits_documents.DigitsDocuments`` over the train split's digits; the longest
+    document of each kind is checked against the row first (before any dataset file is written)."""
+    from starflow2_jax.data import digits_documents as dd
+
+    d, s = config.data, config.model.starflow2
+    kinds = dd.stage_kinds(str(s.pairs), tuple(d.kinds))
+    check_digits_documents_fit(pcfg, encode, kinds, str(s.pairs))
+    pool = dd.DigitsPool.from_source(make_source(config, d.split, workdir))
+    return dd.index_source(), dd.DigitsDocuments(pool, kinds, str(s.pairs), documents)
+
+
 def make_train_data(config, workdir, pcfg: pretzel.PretzelConfig):
     """This process's endless, shuffled stream of batches of packed Pretzel rows of the model ``pcfg``
     (``train.tasks.starflow2.pretzel_config_from(config)``)."""
@@ -154,10 +215,15 @@ def make_train_data(config, workdir, pcfg: pretzel.PretzelConfig):
     from starflow2_jax.data.pipeline import make_packed_pipeline
 
     d, s = config.data, config.model.starflow2
-    documents = DocumentPreprocess(levels=int(d.levels), noise=d.noise, noise_std=float(d.noise_std))
-    preprocess = LayoutPreprocess(pcfg, documents, make_tokenizer(config).encode, pairs=str(s.pairs))
-    return make_packed_pipeline(make_source(config, d.split, workdir),
-                                spec=packing_spec(pcfg, bins=int(s.packing_bins), overflow=str(s.overflow)),
+    documents = DocumentPreprocess(levels=int(d.levels), noise=d.noise, noise_std=float(d.noise_std),
+                                   image_size=int(d.image_size), channels=int(d.channels))
+    encode = make_tokenizer(config).encode
+    if d.builder == "digits_documents":
+        source, documents = digits_documents(config, workdir, pcfg, encode, documents)
+    else:
+        source = make_source(config, d.split, workdir)
+    preprocess = LayoutPreprocess(pcfg, documents, encode, pairs=str(s.pairs))
+    return make_packed_pipeline(source, spec=packing_spec(pcfg, bins=int(s.packing_bins), overflow=str(s.overflow)),
                                 batch_size=int(d.batch_size), seed=int(config.seed), shuffle=True,
                                 preprocess=preprocess, num_epochs=None, drop_remainder=True,
                                 worker_count=int(d.worker_count))

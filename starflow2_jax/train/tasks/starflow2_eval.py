@@ -9,8 +9,9 @@ row of a prompt uses the same noise (seed ``--seed``). The empty prompt is drawn
 
 eval bpd (``BPD``): every document of the split laid out as in training with image–text pairs as
 caption → image (the image a generation target given its caption; interleaved documents as stored),
-one document per row (``model.starflow2.seq_len`` positions), images dequantised with fresh uniform
-noise ``x + (u − ½)·(2/levels)`` per pass (numpy ``default_rng([seed, pass, document])``), then:
+one document per row (``model.starflow2.seq_len`` positions), images resized to ``data.image_size`` as in
+training and dequantised with fresh uniform noise ``x + (u − ½)·(2/levels)`` per pixel and pass (numpy
+``default_rng([seed, pass, document])``), then:
 
     bits/dim of a target image = (−log p(x_deq | its context) / (N·D) + log(levels / 2)) / log 2
 
@@ -143,7 +144,9 @@ def score_bpd(restored, workdir, *, split: str, num_samples: int = 1, seed: int 
         raise ValueError(f"--split {split!r} is empty")
     pcfg, levels = task.config, int(config.data.levels)
     layout = starflow2_data.LayoutPreprocess(
-        pcfg, DocumentPreprocess(levels=levels, noise="uniform", random_caption=False), task.encode, pairs="t2i")
+        pcfg, DocumentPreprocess(levels=levels, noise="uniform", random_caption=False,
+                                 image_size=int(config.data.image_size), channels=int(config.data.channels)),
+        task.encode, pairs="t2i")
     spec = starflow2_data.packing_spec(pcfg)
     score = _score_fn(pcfg, levels, mesh)
     local = batch_size // jax.process_count()
