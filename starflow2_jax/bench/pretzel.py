@@ -10,7 +10,7 @@ Sizes (``--list``):
 - ``demo``: the model of ``configs/starflow2.py:demo,stage3`` as the ``starflow2`` family builds it
   (``train.tasks.starflow2.pretzel_config_from``; VLM width 128 × 4 layers, vocab 256; the digits at
   32×32×1 as 4×4 patches, N = 64 slots of D = 16; flows of width 128, shallow 2 × 2, deep 4; rows of
-  256 with up to 2 images); run from the repository root;
+  384 with up to 4 images); run from the repository root;
 - ``mid``: a demo-like middle size, ``tiny`` with a VLM of width 256 × 4 layers (8 heads, 2 KV heads,
   vocab 4096), 32×32×3 images as 4×4 patches (an 8×8 grid: N = 64 slots of D = 48), flows of width 256
   (4 heads of 64), shallow 2 × 2, deep 6 layers, rows of 512 tokens with up to 6 images (three
