@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import ToyTask, pipeline, tiny_config
+from train_helpers import ToyTask, metric_steps, pipeline, start_training, tiny_config, wait_for
 
 from starflow2_jax.train import train
 from starflow2_jax.train import identity, lock, manifest, metrics, restore
@@ -33,12 +33,6 @@ def snapshot(directory: Path) -> dict[str, str]:
         rel = os.fspath(path.relative_to(directory))
         out[rel] = "<dir>" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
     return out
-
-
-def metric_steps(workdir: Path) -> list[int]:
-    path = workdir / "metrics.jsonl"
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")] \
-        if path.exists() else []
 
 
 @pytest.fixture(scope="module")
@@ -264,42 +258,14 @@ def test_drop_after_keeps_the_lines_up_to_the_step(tmp_path):
     assert metrics.drop_after(tmp_path / "none.jsonl", 2) == 0
 
 
-SCRIPT = textwrap.dedent("""
-    import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    sys.path[:0] = [{repo!r}, {here!r}]
-    from absl import flags
-    flags.FLAGS.mark_as_parsed()
-    from train_helpers import ToyTask, pipeline, tiny_config
-    from starflow2_jax.train import train
-    config = tiny_config(**{overrides!r})
-    result = train(config, {workdir!r}, task=ToyTask(), data=pipeline(config))
-    print("RESULT", result.step, result.interrupted, flush=True)
-""")
-
-
-def _start(workdir: Path, overrides: dict) -> subprocess.Popen:
-    script = SCRIPT.format(repo=str(REPO), here=str(HERE), overrides=overrides, workdir=str(workdir))
-    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(condition, process, what: str) -> None:
-    deadline = time.monotonic() + 240
-    while not condition():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_kill_9_then_resume_logs_every_step_once(tmp_path):
     workdir = tmp_path / "run"
     overrides = {"train.steps": 100000, "train.checkpoint_every": 3, "train.log_every": 1, "optim.warmup_steps": 0,
                  "train.async_checkpoint": False, "train.keep_last": 100}
-    process = _start(workdir, overrides)
+    process = start_training(workdir, overrides)
     try:
-        _wait_for(lambda: len(metric_steps(workdir)) >= 8, process, "the run never logged 8 steps")
+        wait_for(lambda: len(metric_steps(workdir)) >= 8, process, "the run never logged 8 steps")
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
     finally:
@@ -320,9 +286,9 @@ def test_kill_9_then_resume_logs_every_step_once(tmp_path):
 def test_sigterm_at_a_non_logging_step_flushes_the_partial_window(tmp_path):
     workdir = tmp_path / "run"
     overrides = {"train.steps": 100000, "train.checkpoint_every": 0, "train.log_every": 5, "optim.warmup_steps": 0}
-    process = _start(workdir, overrides)
+    process = start_training(workdir, overrides)
     try:
-        _wait_for(lambda: len(metric_steps(workdir)) >= 1, process, "the run never logged")
+        wait_for(lambda: len(metric_steps(workdir)) >= 1, process, "the run never logged")
         time.sleep(0.3)
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=120)

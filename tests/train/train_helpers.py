@@ -1,8 +1,16 @@
 """Shared pieces of the training tests: a tiny config, an in-memory digits-like source, the data
 helper's grain pipeline over it, and ``ToyTask`` — a two-layer regressor that compiles in a moment,
-records the data order it sees, and can inject NaN batches at chosen steps."""
+records the data order it sees, and can inject NaN batches at chosen steps; and a training run of
+``ToyTask`` in a subprocess (``start_training``), for signal and kill tests."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -116,3 +124,47 @@ class ToyTask(TaskBase):
         del guidance
         images = jnp.tanh(jax.random.normal(rng, (2, 3, 8, 8, 1))) + 0 * params["head"]["kernel"][0]
         return SampleGrid(images, ["a", "b"])
+
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+
+TRAINING_SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    sys.path[:0] = [{repo!r}, {here!r}]
+    from absl import flags
+    flags.FLAGS.mark_as_parsed()
+    from train_helpers import ToyTask, pipeline, tiny_config
+    from starflow2_jax.train import train
+    config = tiny_config(**{overrides!r})
+    result = train(config, {workdir!r}, task=ToyTask(), data=pipeline(config))
+    print("RESULT", result.step, result.interrupted, flush=True)
+""")
+
+
+def start_training(workdir, overrides: dict, cwd=None) -> subprocess.Popen:
+    """``train`` of ``ToyTask`` on ``tiny_config(**overrides)`` in a subprocess (8 fake CPU devices);
+    its stdout ends with ``RESULT <step> <interrupted>``."""
+    script = TRAINING_SCRIPT.format(repo=str(REPO), here=str(HERE), overrides=overrides, workdir=str(workdir))
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=cwd)
+
+
+def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 240) -> None:
+    """Polls ``condition()`` until it holds; fails with ``what`` after ``timeout`` s, or when the
+    process ended first (with its output)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def metric_steps(workdir) -> list[int]:
+    """The steps of ``workdir/metrics.jsonl``'s complete lines ([] when there is none)."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
