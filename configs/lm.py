@@ -36,7 +36,7 @@ from starflow2_jax.train.config_schema import base_config
 from starflow2_jax.train.tasks.lm import SIZES, vlm_fields
 
 PRESETS = SIZES + tuple(f"{size},runlocal" for size in SIZES)
-GRIDS = {"tiny": [2, 2], "demo": [8, 8]}
+GRIDS = {"tiny": [2, 2], "demo": [4, 4]}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     lm.tokenizer = "demo"
     lm.corpus_seed, lm.corpus_documents = 0, 4000
     # demo rows hold the longest documents (4 images of 66 positions and their text: ~320)
-    lm.seq_len = 128 if size == "tiny" else 384
+    lm.seq_len = 128 if size == "tiny" else 160
     c.data.batch_size = 8 if size == "tiny" else 4  # small batches, more steps: the fastest descent per second
     c.optim.lr = 3e-3
     c.optim.min_lr = 1e-4

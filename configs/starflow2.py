@@ -93,13 +93,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         else:
             # the VLM configs/lm.py:demo trains (stage 0 of the digits demo); ids: the demo tokenizer's
             s.vlm = _vlm(**vlm_fields("demo"))
-            s.latent.image_size, s.latent.channels, s.latent.patch = 32, 1, 4
+            s.latent.image_size, s.latent.channels, s.latent.patch = 8, 1, 2
             s.flow_width, s.flow_head_dim = 128, 32
             s.shallow_blocks, s.shallow_layers, s.deep_layers = 2, 2, 4
-            s.seq_len, s.max_images = 384, 4
+            s.seq_len, s.max_images = 160, 4
             s.tokenizer = ""  # the stage-0 export's (vlm_checkpoint), required
             c.data.builder = "digits_documents"
-            c.data.image_size = 32
+            c.data.image_size = 8
         c.data.batch_size = 8
         c.optim.lr = 1e-3
         c.optim.min_lr = 1e-5
