@@ -111,13 +111,10 @@ def document_space(kind: str, pairs: str) -> list[dt.DemoDocument]:
     if kind == "question":
         return [_question_document(d) for d in range(NUM_CLASSES)]
     if kind == "draw":
-        return [dt.DemoDocument("draw", (("user", (t.format(name=dt.NUMBER_WORDS[d], digit=d),)),
-                                         ("assistant", (dt.DigitImage(d),))))
+        return [dt.draw_document(t.format(name=dt.NUMBER_WORDS[d], digit=d), d)
                 for t in dt.DRAW_PROMPTS for d in range(NUM_CLASSES)]
     if kind == "next_digit":
-        return [dt.DemoDocument("next_digit", (("user", (dt.DigitImage(d), dt.NEXT_DIGIT_PROMPT)),
-                                               ("assistant", (dt.DigitImage((d + 1) % NUM_CLASSES),))))
-                for d in range(NUM_CLASSES)]
+        return [dt.next_digit_document(d) for d in range(NUM_CLASSES)]
     if kind == "interleaved":
         out = []
         templates = {"up": dt.COUNT_UP, "down": dt.COUNT_DOWN, "even": dt.COUNT_EVEN}
@@ -128,7 +125,7 @@ def document_space(kind: str, pairs: str) -> list[dt.DemoDocument]:
                     if not 2 <= len(numbers) <= dt.MAX_INTERLEAVED_IMAGES or numbers[-1] != end or \
                             (way == "even" and start % 2):  # the generator counts by twos from even numbers
                         continue
-                    items = tuple(x for n in numbers for x in (dt.NUMBER_WORDS[n], dt.DigitImage(n)))
+                    items = tuple(x for n in numbers for x in dt.drawing(n))
                     prompt = template.format(start=dt.NUMBER_WORDS[start], end=dt.NUMBER_WORDS[end])
                     out.append(dt.DemoDocument("interleaved", (("user", (prompt,)), ("assistant", items))))
         return out

@@ -58,7 +58,12 @@ def test_corpus_holds_the_scored_prompts_with_consistent_answers(corpus):
             assert user[1] == dt.QUESTION and answer == (names[user[0].digit],)
     for doc in by_kind["next_digit"]:
         (_, user), (_, answer) = doc.turns
-        assert user[1] == dt.NEXT_DIGIT_PROMPT and answer[0].digit == (user[0].digit + 1) % 10
+        following = (user[0].digit + 1) % 10
+        assert user[1] == dt.NEXT_DIGIT_PROMPT and answer == (names[following], dt.DigitImage(following))
+    for doc in by_kind["draw"]:
+        (_, (prompt,)), (_, answer) = doc.turns
+        word, image = answer  # the assistant names the digit it draws, then draws it
+        assert word == names[image.digit] and (word in prompt or str(image.digit) in prompt)
     for doc in by_kind["interleaved"]:
         (_, (prompt,)), (_, items) = doc.turns
         words, images = items[0::2], items[1::2]

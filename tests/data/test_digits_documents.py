@@ -83,14 +83,14 @@ def _expected_flags(kind, pairs, items):
         image_first = items[0][0] == "image"
         assert image_first == (pairs == "i2t") or pairs == "mixed"
         return images == [not image_first] and words[0][1] is True
-    if kind == "draw":
-        return images == [True] and all(loss is False for _, loss in words)
+    if kind == "draw":  # the assistant names the digit (trained), then draws it
+        return images == [True] and [loss for _, loss in words] == [False, True]
     if kind == "question":
         return images == [False] and words == [(dt.QUESTION, False), (words[1][0], True)]
     if kind == "interleaved":
         return all(images) and 2 <= len(images) <= 4 and words[0][1] is False and all(loss for _, loss in words[1:])
     if kind == "next_digit":
-        return images == [False, True] and words == [(dt.NEXT_DIGIT_PROMPT, False)]
+        return images == [False, True] and words[0] == (dt.NEXT_DIGIT_PROMPT, False) and words[1][1] is True
     raise AssertionError(kind)
 
 
@@ -120,7 +120,8 @@ def test_no_held_out_digit_is_ever_used(pool, tokenizer_dir, digits_builder):
     config = _config("stage3", tokenizer_dir, _root(digits_builder), "data.noise=none")
     pcfg = sf2.pretzel_config_from(config)
     data = iter(sd.make_train_data(config, "/nonexistent", pcfg))
-    digits = np.repeat(np.repeat(load_digits().images, 4, axis=1), 4, axis=2) / 8.0 - 1.0  # (1797, 32, 32)
+    size = int(config.data.image_size)  # the stored 8×8 digits, nearest-resized when the preset asks for more
+    digits = np.repeat(np.repeat(load_digits().images, size // 8, axis=1), size // 8, axis=2) / 8.0 - 1.0
     seen = 0
     for _ in range(3):
         batch = next(data)
@@ -155,7 +156,7 @@ def test_each_image_is_a_real_digit_of_the_class_its_words_name(pool):
             numbers = [names[w] for w in re.findall(r"[a-z]+", texts[2]) if w in names]
             assert labels[0] == numbers[0] and labels[-1] == numbers[-1]
         elif kind == "next_digit":
-            assert labels[1] == (labels[0] + 1) % 10
+            assert labels[1] == (labels[0] + 1) % 10 == names[items[-4][1]]  # the word before the drawn image
         else:
             caption = next(t for k, t, _ in items if k == "text")
             assert dt.NUMBER_WORDS[labels[0]] in caption or str(labels[0]) in caption
@@ -260,9 +261,9 @@ def test_bad_input_names_the_field(tokenizer_dir, pool):
         dd.DigitsDocuments(pool, ("nope",), "mixed", DocumentPreprocess(levels=16))
     with pytest.raises(ValueError, match=r"per epoch 0"):
         dd.index_source(0)
-    config = _config("stage1", tokenizer_dir, "/unused", "model.starflow2.seq_len=280")
+    config = _config("stage1", tokenizer_dir, "/unused", "model.starflow2.seq_len=100")
     pcfg = sf2.pretzel_config_from(config)
-    with pytest.raises(ValueError, match=r"model\.starflow2\.seq_len=280: the longest 'interleaved' document .* is "
+    with pytest.raises(ValueError, match=r"model\.starflow2\.seq_len=100: the longest 'interleaved' document .* is "
                                          r"\d+ positions"):
         sd.check_digits_documents_fit(pcfg, sd.make_tokenizer(config).encode, ("draw", "interleaved"), "t2i")
     sd.check_digits_documents_fit(pcfg, sd.make_tokenizer(config).encode, ("draw", "next_digit"), "t2i")  # fits
