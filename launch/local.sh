@@ -471,6 +471,7 @@ demo_export() {
     return 0
   fi
   demo_stopped export
+  rm -rf -- "${DEMO_DIR}"/.stage0_hf.*.tmp*  # what an export killed midway left (a hidden temporary)
   log "demo: export: starflow2 convert to-hf --workdir ${DEMO_DIR}/stage0 --out ${out}"
   local t0 rc=0
   t0="$(now)"
