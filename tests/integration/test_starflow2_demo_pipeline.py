@@ -104,7 +104,7 @@ def demo(tmp_path_factory):
 
     process = subprocess.Popen(["bash", str(LOCAL_SH), "demo", "--workdir", str(workdir)], cwd=root,
                                env=_user_env(STARFLOW2_DEMO_TRAIN_ARGS=LONG, **END), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
         while len(_metric_steps(workdir / "stage2")) < 2:  # stepping (its SIGTERM handler is in place)
@@ -114,9 +114,10 @@ def demo(tmp_path_factory):
         earlier = {name: _snapshot(workdir / name) for name in ("stage0", "stage0_hf", "stage1")}
         process.send_signal(signal.SIGTERM)  # to local.sh only, as `kill PID` would
         stdout, stderr = process.communicate(timeout=300)
-    finally:
+    finally:  # a failure above must not leave local.sh's `starflow2 train` running: kill the whole group
         if process.poll() is None:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
     stopped = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     saved = sorted(int(p.name) for p in (workdir / "stage2" / "checkpoints").iterdir() if p.name.isdigit())
     assert len(saved) == 1, (saved, stderr[-4000:])  # checkpoint_every=0: the one SIGTERM wrote
