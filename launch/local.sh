@@ -259,7 +259,6 @@ EOT
 
 # ---- the STARFlow2 digits demo: stage 0 (lm) → to-hf → stages 1–3 → scoring ---------------------
 
-DEMO_KIND="starflow2-digits-demo"
 DEMO_STAGES=(stage0 stage1 stage2 stage3)
 DEMO_CHILD=""   # the pid of the command run_child is waiting for
 DEMO_SIGNAL=""  # TERM or INT once local.sh received one
@@ -431,10 +430,10 @@ demo_stage() {
   local name="$1" config="$2"
   shift 2
   local dir="${DEMO_DIR}/${name}"
-  local summary="${dir}/train_summary.json" done
-  if done="$(stage_done "${summary}")"; then
+  local summary="${dir}/train_summary.json" finished
+  if finished="$(stage_done "${summary}")"; then
     local step seconds
-    read -r step seconds <<< "${done}"
+    read -r step seconds <<< "${finished}"
     log "demo: ${name} finished earlier (step ${step}, ${seconds} s; ${summary}): skipped"
     DEMO_TIMES+=(--time "${name}=${seconds}")
     return 0
@@ -519,9 +518,10 @@ demo_starflow2() {
       ;;
     *) die "STARFLOW2_DEMO_SIZE='${size}': expected 'demo' (the real demo) or 'runlocal' (a few steps per stage)" ;;
   esac
-  if [[ -n "${stop_after}" && ! " ${DEMO_STAGES[*]} " =~ " ${stop_after} " ]]; then
-    die "STARFLOW2_DEMO_STOP_AFTER='${stop_after}': expected one of ${DEMO_STAGES[*]} (or unset)"
-  fi
+  case "${stop_after}" in
+    ""|stage0|stage1|stage2|stage3) ;;
+    *) die "STARFLOW2_DEMO_STOP_AFTER='${stop_after}': expected one of ${DEMO_STAGES[*]} (or unset)" ;;
+  esac
   local configs=("configs/lm.py:demo${suffix}")
   local n
   for n in 1 2 3; do
@@ -595,7 +595,9 @@ cmd_demo() {
   while (( $# > 0 )); do
     case "$1" in
       --workdir)
-        (( $# >= 2 )) && [[ -n "$2" ]] || die "demo: --workdir needs a directory"
+        if (( $# < 2 )) || [[ -z "$2" ]]; then
+          die "demo: --workdir needs a directory"
+        fi
         workdir="$2"
         shift 2
         ;;

@@ -124,8 +124,8 @@ def demo(tmp_path_factory):
     step = saved[0]
     after_stop = {"demo": sorted(os.listdir(workdir)), "stage2": sorted(os.listdir(workdir / "stage2"))}
 
-    resumed = _demo(workdir, root, STARFLOW2_DEMO_TRAIN_ARGS=f"--config.train.steps={step + 2} --config.train.log_every=1",
-                    **END)
+    resumed = _demo(workdir, root, **END,
+                    STARFLOW2_DEMO_TRAIN_ARGS=f"--config.train.steps={step + 2} --config.train.log_every=1")
     return SimpleNamespace(root=root, workdir=workdir, first=first, stopped=stopped, step=step, earlier=earlier,
                            after_stop=after_stop, resumed=resumed)
 
