@@ -1,5 +1,6 @@
-"""`launch/local.sh demo` end to end (data → train → sample → bpd → judge → report) with the
-tiny `configs/demo.py:runlocal` preset, as a subprocess in the repository's .venv."""
+"""`launch/local.sh demo --flow` (the flow-only digits demo) end to end (data → train → sample → bpd → judge →
+report) with the tiny `configs/demo.py:runlocal` preset, as a subprocess in the repository's .venv.
+(`launch/local.sh demo`, the STARFlow2 demo: test_starflow2_demo_pipeline.py.)"""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def _user_env(**extra: str) -> dict[str, str]:
                     reason="needs the suite to run in the repository's .venv (launch/local.sh test)")
 def test_local_demo_produces_report_and_files(tmp_path):
     workdir = tmp_path / "demo"
-    result = subprocess.run(["bash", str(LOCAL_SH), "demo", "--workdir", str(workdir)], cwd=tmp_path,
+    result = subprocess.run(["bash", str(LOCAL_SH), "demo", "--flow", "--workdir", str(workdir)], cwd=tmp_path,
                             env=_user_env(STARFLOW2_DEMO_CONFIG="configs/demo.py:runlocal"),
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -52,15 +53,25 @@ def test_local_demo_produces_report_and_files(tmp_path):
     assert not [p for p in workdir.rglob("*") if ".tmp" in p.name or p.name.endswith(".partial")]  # no temporaries
 
     # a second run resumes (nothing left to train) and scores again
-    again = subprocess.run(["bash", str(LOCAL_SH), "demo", "--workdir", str(workdir)], cwd=tmp_path,
+    again = subprocess.run(["bash", str(LOCAL_SH), "demo", "--workdir", str(workdir), "--flow"], cwd=tmp_path,
                            env=_user_env(STARFLOW2_DEMO_CONFIG="configs/demo.py:runlocal"),
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "resuming from step 4" in again.stderr
     assert json.loads((workdir / "demo_metrics.json").read_text())["resumed"] is True
 
+    # the STARFlow2 demo refuses this workdir, naming it and what it holds, and writes nothing
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+    refused = subprocess.run(["bash", str(LOCAL_SH), "demo", "--workdir", str(workdir)], cwd=tmp_path,
+                             env=_user_env(STARFLOW2_DEMO_SIZE="runlocal"), capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2
+    assert f"demo --workdir {workdir}: it holds a flow-only digits demo" in refused.stderr, refused.stderr
+    assert "launch/local.sh demo --flow --workdir DIR" in refused.stderr
+    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
 
-def test_local_demo_rejects_unknown_arguments():
-    result = subprocess.run(["bash", str(LOCAL_SH), "demo", "--bogus"], capture_output=True, text=True, timeout=60)
+
+@pytest.mark.parametrize("argv", [["demo", "--bogus"], ["demo", "--flow", "--bogus"]])
+def test_local_demo_rejects_unknown_arguments(argv):
+    result = subprocess.run(["bash", str(LOCAL_SH), *argv], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
-    assert "unknown argument '--bogus'" in result.stderr
+    assert "unknown argument '--bogus' (usage: launch/local.sh demo [--flow] [--workdir DIR])" in result.stderr
