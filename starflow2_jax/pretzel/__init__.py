@@ -16,8 +16,8 @@ against one teacher-forced pass).
 
 from starflow2_jax.pretzel.config import (PRESETS, PretzelConfig, config_from_dict, config_to_dict, preset, sevenb,
                                           tiny)
-from starflow2_jax.pretzel.generate import (State, cache_difference, feed_token, image_segment, image_to_text, interleaved,
-                                            invert_shallow, prefill, text_segment, text_to_image)
+from starflow2_jax.pretzel.generate import (State, cache_difference, feed_token, image_segment, image_to_text,
+                                            interleaved, invert_shallow, prefill, text_segment, text_to_image)
 from starflow2_jax.pretzel.layout import Image, Text, chat_items, layout_document
 from starflow2_jax.pretzel.losses import loss, per_example
 from starflow2_jax.pretzel.model import (Caches, Output, apply_model, check_batch, create_caches, encode_images,

@@ -566,7 +566,13 @@ def cache_difference(config: PretzelConfig, params, vlm_params, sequence: dict, 
     if int(state.caches.index) != t:
         raise ValueError(f"the caches hold {int(state.caches.index)} positions but the sequence has {t}: expected the "
                          f"state generation returned with this sequence")
-    seq = {k: jnp.asarray(np.asarray(sequence[k]))[None] for k in ("tokens", "u", "slot", "positions")}
+    u = np.asarray(sequence["u"], np.float32)
+    if u.shape != (t, config.latent_dim):
+        if u.shape != (t, 0) or np.any(sequence["slot"]):  # (T, 0): a document without slots (_finish)
+            raise ValueError(f"sequence u has shape {u.shape}: expected ({t}, {config.latent_dim})")
+        u = np.zeros((t, config.latent_dim), np.float32)
+    seq = {k: jnp.asarray(np.asarray(sequence[k]))[None] for k in ("tokens", "slot", "positions")}
+    seq["u"] = jnp.asarray(u)[None]
     rows = [(0, None, np.arange(t))]
     if state.guided:
         text = np.asarray(text_positions(config, seq["tokens"], seq["slot"], jnp.ones((1, t), jnp.int32)))[0]
@@ -574,8 +580,8 @@ def cache_difference(config: PretzelConfig, params, vlm_params, sequence: dict, 
         rows.append((state.num_samples, jnp.asarray(key_mask[None]), np.flatnonzero(~text)))
     worst = 0.0
     for row, key_mask, read in rows:
-        want = _teacher_forced_caches(config, params, vlm_params, seq["tokens"], seq["u"].astype(jnp.float32),
-                                      seq["slot"], seq["positions"], key_mask, length=length)
+        want = _teacher_forced_caches(config, params, vlm_params, seq["tokens"], seq["u"], seq["slot"],
+                                      seq["positions"], key_mask, length=length)
         for got, ref in zip(jax.tree_util.tree_leaves(state.caches), jax.tree_util.tree_leaves(want)):
             if np.ndim(got):  # (layers, rows, S, heads, dim); the index is a scalar
                 got = np.asarray(got[:, row], np.float32)[:, read]
