@@ -132,7 +132,8 @@ def parse_interleaved(tokens: Sequence[int], *, decode: Callable[[list], str], v
             break
         if k >= len(words):
             got = decode(texts[k]).strip()
-            result["reason"] = (f"image {k + 1} missing (after {got!r})" if got == want else
+            result["reason"] = (f"image {k + 1} missing (after {want!r})"
+                                if decode([t for t in texts[k] if t not in end_tokens]).strip() == want else
                                 f"text {got!r} where {want!r} and an image were expected")
         elif words[k] != want:
             result["reason"] = f"word {k + 1} is {words[k]!r}: expected {want!r}"
