@@ -142,6 +142,12 @@ def _rng(seed: int, section: int):
     return jax.random.fold_in(jax.random.key(int(seed)), section)
 
 
+def _fold(rng, i: int):
+    import jax
+
+    return jax.random.fold_in(rng, i)
+
+
 def _grid_png(path: str, grid: np.ndarray) -> None:
     """(rows, cols, 8, 8, 1) images in [−1, 1] → a PNG, 4× upscaled."""
     from starflow2_jax.train.images import save_png, tile, to_uint8
@@ -192,12 +198,6 @@ def text_to_image(run: Run, judge, out: str, *, samples: int, grid: int, seed: i
     return dict(prompt=dt.DRAW_PROMPT, guidance=run.guidance, samples_per_digit=samples, judge=result,
                 accuracy=result["accuracy"], variety=result["variety"]["mean_ratio"],
                 novelty=result["novelty"]["mean_ratio"], grids=grids, npz=f"{SCORING_SUBDIR}/t2i_samples.npz")
-
-
-def _fold(rng, i: int):
-    import jax
-
-    return jax.random.fold_in(rng, i)
 
 
 def bits_per_dim(run: Run, stage: str) -> dict:
@@ -324,7 +324,8 @@ def next_digit(run: Run, judge, pixels: np.ndarray, labels: np.ndarray, out: str
 
     rng = _rng(seed, 5)
     prompts = [sp.next_digit_prompt(run.config, run.encode, x) for x in pixels]
-    length = max(len(p["tokens"]) for p in prompts) + run.config.num_slots + 2
+    # the interleaved documents' cache length: their compiled guided one-row image segment serves here too
+    length = max(run.config.seq_len, max(len(p["tokens"]) for p in prompts) + run.config.num_slots + 2)
     drawn, times = [], []
     for i, prompt in enumerate(prompts):
         started = time.perf_counter()
