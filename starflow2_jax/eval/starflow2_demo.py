@@ -4,7 +4,8 @@ Reads the final run of ``launch/local.sh demo`` (``DIR/stage3``, restored as ``s
 EMA parameters when the run kept them) and scores what issue 11 asks, with the package's own tools:
 
 1. text → image: per digit, ``--samples-per-digit`` images of the chat prompt "draw the digit seven"
-   (``demo_text.DRAW_PROMPT``) at the config's guidance (``max(sample.guidance)``), all rows of a digit in
+   (``demo_text.DRAW_PROMPT``, laid out as the training documents up to the assistant's image:
+   ``eval.starflow2_prompts``) at the config's guidance (``max(sample.guidance)``), all rows of a digit in
    one ``pretzel.text_to_image`` call, judged by ``DigitsJudge`` (accuracy, variety, novelty); grids of
    ``--grid-per-digit`` per digit at guidance 0 and at the config's guidance (the first of the judged ones);
 2. exact likelihood: bits/dim of the 297 held-out digits (``eval.bpd.evaluate_bpd`` with the family's
@@ -14,8 +15,9 @@ EMA parameters when the run kept them) and scores what issue 11 asks, with the p
    ``pretzel.image_to_text``, the answer word parsed; accuracy and a confusion table;
 4. interleaved: each of ``INTERLEAVED_PROMPTS``, ``--seeds`` seeds, ``pretzel.interleaved`` at the config's
    guidance: the share of documents with the right structure and the judge's accuracy on their images;
-5. editing: a held-out digit d and ``NEXT_DIGIT_PROMPT`` → one image, judged against the digit the
-   training documents draw after d, for the first ``--edit`` held-out digits;
+5. editing: a held-out digit d and ``NEXT_DIGIT_PROMPT``; the model writes the assistant turn (at most one
+   image, ``pretzel.interleaved``), the image judged against the digit the training documents draw after
+   d, for the first ``--edit`` held-out digits;
 6. the cache-equality check on one interleaved document (``pretzel.cache_difference``);
 7. wall times: the stages' (``--time NAME=SECONDS``, given by the orchestration) and each section's.
 
@@ -195,7 +197,8 @@ def text_to_image(run: Run, judge, out: str, *, samples: int, grid: int, seed: i
         judged = judge.judge(images.reshape((-1,) + DIGITS_SHAPE), np.repeat(np.arange(10), images.shape[1]))
         grids.append(dict(guidance=weight, png=f"{SCORING_SUBDIR}/{name}", samples_per_digit=int(images.shape[1]),
                           accuracy=judged["accuracy"]))
-    return dict(prompt=dt.DRAW_PROMPT, guidance=run.guidance, samples_per_digit=samples, judge=result,
+    return dict(prompt=dt.DRAW_PROMPT, prompt_text=run.decode(prompts[7]["tokens"].tolist()), guidance=run.guidance,
+                samples_per_digit=samples, judge=result,
                 accuracy=result["accuracy"], variety=result["variety"]["mean_ratio"],
                 novelty=result["novelty"]["mean_ratio"], grids=grids, npz=f"{SCORING_SUBDIR}/t2i_samples.npz")
 
@@ -260,7 +263,7 @@ def interleaved(run: Run, judge, out: str, *, seeds: int, seed: int, temperature
     per_prompt, transcripts, first, images, image_labels, image_doc = [], [], None, [], [], []
     for k, text in enumerate(dt.INTERLEAVED_PROMPTS):
         expected = sp.counting_expectation(text)
-        prompt = sp.chat_prompt(cfg, run.encode, text)
+        prompt = sp.counting_prompt(cfg, run.encode, text)
         documents = []
         for s in range(seeds):
             res = pretzel.interleaved(cfg, run.params, run.vlm, run.latent, prompt, rng=_fold(_fold(rng, k), s),
@@ -317,33 +320,51 @@ def interleaved(run: Run, judge, out: str, *, seeds: int, seed: int, temperature
 
 
 def next_digit(run: Run, judge, pixels: np.ndarray, labels: np.ndarray, out: str, *, seed: int) -> dict:
-    """Section 5: one image per held-out digit after ``NEXT_DIGIT_PROMPT``, judged against its target."""
+    """Section 5: after each held-out digit and ``NEXT_DIGIT_PROMPT`` the model writes the assistant turn
+    (``pretzel.interleaved``, one image at most: the words it says before the image, if the training
+    documents say any, are its reasoning); the image is judged against the digit the training documents
+    draw after d (no image: wrong)."""
     from starflow2_jax import pretzel
     from starflow2_jax.data import demo_text as dt
     from starflow2_jax.eval import starflow2_prompts as sp
 
+    cfg, v = run.config, run.config.vlm
     rng = _rng(seed, 5)
-    prompts = [sp.next_digit_prompt(run.config, run.encode, x) for x in pixels]
-    # the interleaved documents' cache length: their compiled guided one-row image segment serves here too
-    length = max(run.config.seq_len, max(len(p["tokens"]) for p in prompts) + run.config.num_slots + 2)
-    drawn, times = [], []
+    prompts = [sp.next_digit_prompt(cfg, run.encode, x) for x in pixels]
+    targets = np.asarray([sp.next_digit_target(int(d)) for d in labels], np.int64)
+    drawn = np.full((len(prompts),) + DIGITS_SHAPE, np.nan, np.float32)
+    said, times = [], []
     for i, prompt in enumerate(prompts):
         started = time.perf_counter()
-        res = pretzel.text_to_image(run.config, run.params, run.vlm, run.latent, prompt, rng=_fold(rng, i),
-                                    guidance=run.guidance, jacobi=run.jacobi, length=length)
-        drawn.append(np.asarray(res["images"][0], np.float32))
+        # the interleaved documents' cache length and segment size: their compiled functions serve here too
+        res = pretzel.interleaved(cfg, run.params, run.vlm, run.latent, prompt, rng=_fold(rng, i), length=cfg.seq_len,
+                                  max_new_tokens=SEGMENT_TOKENS, max_images=1, guidance=run.guidance, jacobi=run.jacobi,
+                                  segment_tokens=SEGMENT_TOKENS)
         times.append(time.perf_counter() - started)
-    drawn = np.stack(drawn)
-    targets = np.asarray([sp.next_digit_target(int(d)) for d in labels], np.int64)
-    result = judge.judge(drawn, targets)
+        if res["images"]:
+            drawn[i] = np.asarray(res["images"][0], np.float32)
+        parsed = sp.parse_interleaved(res["sequence"]["tokens"][len(prompt["tokens"]):], decode=run.decode,
+                                      vision_start=v.vision_start_token_id, vision_end=v.vision_end_token_id,
+                                      end_tokens=v.eos_token_ids, expected=targets[i:i + 1])
+        said.append(parsed["words"][0] if parsed["words"] else None)
+    has_image = np.isfinite(drawn).reshape(len(drawn), -1).all(axis=1)
+    predicted = np.full(len(drawn), -1, np.int64)
+    if has_image.any():
+        predicted[has_image] = judge.predict(drawn[has_image])
+    words = [sp.parse_answer(w) if w else None for w in said]
     atomic.write_npz(os.path.join(out, "next_digit.npz"),
-                     dict(context=pixels, context_labels=labels, samples=drawn, labels=targets))
+                     dict(context=pixels, context_labels=labels, samples=drawn, labels=targets, predicted=predicted,
+                          said=np.asarray([w or "" for w in said])))
     shown = [int(np.flatnonzero(labels == d)[0]) for d in range(10) if np.any(labels == d)]
-    _grid_png(os.path.join(out, "next_digit.png"), np.stack([pixels[shown], drawn[shown]]))
-    return dict(prompt=dt.NEXT_DIGIT_PROMPT, num_images=len(prompts), accuracy=result["accuracy"],
-                per_class_accuracy=result["per_class_accuracy"], guidance=run.guidance,
-                seconds_per_image=_seconds_per_call(times), png=f"{SCORING_SUBDIR}/next_digit.png",
-                npz=f"{SCORING_SUBDIR}/next_digit.npz")
+    _grid_png(os.path.join(out, "next_digit.png"), np.stack([pixels[shown], np.nan_to_num(drawn[shown], nan=-1.0)]))
+    correct = predicted == targets
+    spoken = [w for w in said if w]
+    return dict(prompt=dt.NEXT_DIGIT_PROMPT, num_images=len(prompts), accuracy=float(correct.mean()),
+                per_class_accuracy={str(d): float(correct[targets == d].mean()) for d in np.unique(targets).tolist()},
+                images_drawn=int(has_image.sum()),
+                word_accuracy=float(np.mean([w == t for w, t in zip(words, targets)])) if spoken else None,
+                guidance=run.guidance, seconds_per_image=_seconds_per_call(times),
+                png=f"{SCORING_SUBDIR}/next_digit.png", npz=f"{SCORING_SUBDIR}/next_digit.npz")
 
 
 def cache_check(run: Run, first: tuple, prompt: str) -> dict:

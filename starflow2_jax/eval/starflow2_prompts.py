@@ -1,15 +1,20 @@
 """The STARFlow2 digits demo's prompts and the parsers of what the model answers.
 
-Prompts are the demo's chat documents (``data.demo_text`` wordings, never retyped) cut where the model
-takes over: the system turn, the user turn, then the assistant turn opened (``<|im_start|>assistant\\n``)
-— ``pretzel.chat_items(..., add_generation_prompt=True)``, the same text segments the stage-3 training
-documents (``data.digits_documents``) lay out, so a prompt equals a training document's prefix token
-for token (tested). Each builder returns ``pretzel.layout_document``'s dict:
+A prompt is a stage-3 training document (``data.digits_documents.document_space``: the ``demo_text``
+wordings, never retyped) cut where the model takes over, laid out as training lays it out
+(``document_items`` → ``pretzel.layout_document``, the same text segments, so the same tokens — tested
+against documents the training pipeline draws). Chat documents open with the system turn; the cut is
 
-    draw_prompt(config, encode, digit)            "draw the digit seven" → (text_to_image appends <|vision_start|>)
-    question_prompt(config, encode, pixels)       image (context) + "What digit is this?" → the answer word
-    next_digit_prompt(config, encode, pixels)     image of d (context) + "Draw the next digit." → an image
-    chat_prompt(config, encode, text)             a user text (the counting prompts) → interleaved text and images
+    'answer'  after ``<|im_start|>assistant\n``: the model writes the whole assistant turn;
+    'image'   before the assistant's first image: what the assistant says before it is given.
+
+Each builder returns ``pretzel.layout_document``'s dict:
+
+    draw_prompt(config, encode, digit)           "draw the digit seven", cut at 'image' (text_to_image appends
+                                                 ``<|vision_start|>``)
+    question_prompt(config, encode, pixels)      image (context) + "What digit is this?", cut at 'answer'
+    next_digit_prompt(config, encode, pixels)    image of d (context) + "Draw the next digit.", cut at 'answer'
+    counting_prompt(config, encode, text)        a counting prompt, cut at 'answer'
 
 What the training data defines, read from it rather than restated: ``next_digit_target(d)`` (the digit
 the next-digit documents draw after d) and ``counting_expectation(prompt)`` (the numbers a counting
@@ -29,29 +34,68 @@ from starflow2_jax import pretzel
 from starflow2_jax.data import demo_text as dt
 from starflow2_jax.data import digits_documents as dd
 
+CUTS = ("answer", "image")
 
-def chat_prompt(config: pretzel.PretzelConfig, encode: Callable, *items) -> dict:
-    """A user turn of ``items`` (strings; images are context) and the assistant turn opened, laid out."""
-    items = [pretzel.Image(i, target=False) if isinstance(i, np.ndarray) else i for i in items]
-    return pretzel.layout_document(config, pretzel.chat_items([("user", items)], add_generation_prompt=True),
-                                   encode=encode)
+
+def training_document(kind: str, wanted: Callable[[dt.DemoDocument], bool] = lambda d: True) -> dt.DemoDocument:
+    """The first document of ``kind`` the stage-3 data can draw (``document_space(kind, 'mixed')``) for
+    which ``wanted(document)``; ValueError when there is none."""
+    for document in dd.document_space(kind, "mixed"):
+        if wanted(document):
+            return document
+    raise ValueError(f"no {kind!r} training document is the one asked for")
+
+
+def _user_text(document: dt.DemoDocument) -> list[str]:
+    return [i for i in document.turns[0][1] if isinstance(i, str)]
+
+
+def training_prefix(config: pretzel.PretzelConfig, encode: Callable, document: dt.DemoDocument,
+                    images: Sequence[np.ndarray] = (), *, cut: str) -> dict:
+    """``document`` laid out as training lays it out, up to ``cut`` ('answer' / 'image', module
+    docstring). images: (H, W, C) pixels in [−1, 1] for its images in order (those after the cut may be
+    left out)."""
+    if cut not in CUTS:
+        raise ValueError(f"cut={cut!r}: expected one of {CUTS}")
+    if not document.chat:
+        raise ValueError(f"a {document.kind!r} document is not a chat: it has no assistant turn to cut at")
+    blank = np.zeros(tuple(config.latent.image_shape), np.float32)
+    pixels = list(images) + [blank] * (len(document.digits) - len(images))
+    items = dd.document_items(document, pixels)
+    opened = next(i for i, item in enumerate(items) if item.get("text") == f"{dt.IM_START}assistant\n")
+    end = opened + 1
+    if cut == "image":
+        end = next(i for i in range(opened, len(items)) if "image" in items[i])
+    kept = [pretzel.Text(i["text"], loss=i["loss"]) if "text" in i else
+            pretzel.Image(np.asarray(i["image"], np.float32), target=i["target"]) for i in items[:end]]
+    return pretzel.layout_document(config, kept, encode=encode)
 
 
 def draw_prompt(config: pretzel.PretzelConfig, encode: Callable, digit: int) -> dict:
-    """``DRAW_PROMPT`` for ``digit`` (0..9), laid out as the chat prompt (module docstring)."""
-    if not 0 <= int(digit) < 10:
+    """``DRAW_PROMPT`` for ``digit`` (0..9), cut before the assistant's image."""
+    if isinstance(digit, bool) or not isinstance(digit, (int, np.integer)) or not 0 <= digit < 10:
         raise ValueError(f"digit {digit!r}: expected 0..9")
-    return chat_prompt(config, encode, dt.DRAW_PROMPT.format(name=dt.NUMBER_WORDS[int(digit)]))
+    words = dt.DRAW_PROMPT.format(name=dt.NUMBER_WORDS[int(digit)])
+    document = training_document("draw", lambda d: _user_text(d) == [words] and d.digits == [int(digit)])
+    return training_prefix(config, encode, document, cut="image")
 
 
 def question_prompt(config: pretzel.PretzelConfig, encode: Callable, pixels: np.ndarray) -> dict:
-    """An image (H, W, C) in [−1, 1] and ``QUESTION`` in the user turn, the assistant turn opened."""
-    return chat_prompt(config, encode, np.asarray(pixels, np.float32), dt.QUESTION)
+    """An image (H, W, C) in [−1, 1] and ``QUESTION`` in the user turn, cut at the answer."""
+    document = training_document("question", lambda d: _user_text(d) == [dt.QUESTION])
+    return training_prefix(config, encode, document, [pixels], cut="answer")
 
 
 def next_digit_prompt(config: pretzel.PretzelConfig, encode: Callable, pixels: np.ndarray) -> dict:
-    """An image (H, W, C) in [−1, 1] and ``NEXT_DIGIT_PROMPT`` in the user turn, the assistant turn opened."""
-    return chat_prompt(config, encode, np.asarray(pixels, np.float32), dt.NEXT_DIGIT_PROMPT)
+    """An image (H, W, C) in [−1, 1] and ``NEXT_DIGIT_PROMPT`` in the user turn, cut at the answer."""
+    document = training_document("next_digit", lambda d: _user_text(d) == [dt.NEXT_DIGIT_PROMPT])
+    return training_prefix(config, encode, document, [pixels], cut="answer")
+
+
+def counting_prompt(config: pretzel.PretzelConfig, encode: Callable, text: str) -> dict:
+    """A counting prompt (one of ``INTERLEAVED_PROMPTS``) in the user turn, cut at the answer."""
+    document = training_document("interleaved", lambda d: _user_text(d) == [text])
+    return training_prefix(config, encode, document, cut="answer")
 
 
 def next_digit_target(digit: int) -> int:

@@ -67,8 +67,9 @@ def _text_to_image(workdir: str, m: Mapping[str, Any]) -> str:
                         ["variety"] + [num(j["variety"]["per_class"].get(c), 2) for c in classes],
                         ["novelty"] + [num(j["novelty"]["per_class"].get(c), 2) for c in classes]])
     return (f"<h2 id=\"text-to-image\">1. Text → image</h2>"
-            f"<p>Prompt: the chat turn “{esc(s['prompt'].format(name='seven'))}” (each digit's word), then the "
-            f"assistant turn and <code>&lt;|vision_start|&gt;</code>, as the training documents lay it out. "
+            f"<p>Prompt: “{esc(s['prompt'].format(name='seven'))}” (each digit's word) as the stage-3 training "
+            f"documents lay it out up to the assistant's image, then <code>&lt;|vision_start|&gt;</code>; for "
+            f"seven:</p><pre>{esc(s['prompt_text'])}</pre><p>"
             f"{s['samples_per_digit']} samples per digit at guidance {s['guidance']:g} were judged by a classifier "
             f"trained on the real training digits ({pct(m['classifier_test_accuracy'])} on the real held-out ones): "
             f"accuracy {pct(s['accuracy'])}, variety {num(s['variety'], 2)} (mean pairwise distance within a class "
@@ -125,9 +126,13 @@ def _interleaved(m: Mapping[str, Any], transcripts: Sequence[Mapping[str, Any]])
 
 def _next_digit(workdir: str, m: Mapping[str, Any]) -> str:
     n = m["next_digit"]
+    words = "" if n["word_accuracy"] is None else \
+        f" The word it says before its image names (d + 1) mod 10 in {pct(n['word_accuracy'])} of them."
     return (f"<h2 id=\"next-digit\">5. Editing: the next digit</h2><p>A held-out real digit d as context and "
-            f"“{esc(n['prompt'])}” → one image at guidance {n['guidance']:g}, judged against (d + 1) mod 10: "
-            f"{pct(n['accuracy'])} of {n['num_images']}.</p><figure>{image_tag(workdir, n['png'], 'next digit')}"
+            f"“{esc(n['prompt'])}”; the model writes the assistant turn (images at guidance {n['guidance']:g}) and "
+            f"drew an image in {n['images_drawn']} of {n['num_images']} cases; {pct(n['accuracy'])} of all are "
+            f"recognised as (d + 1) mod 10 (no image counts as wrong).{words}</p>"
+            f"<figure>{image_tag(workdir, n['png'], 'next digit')}"
             f"<figcaption>top: the context digit (one of each class); bottom: the drawn next digit</figcaption>"
             f"</figure>")
 

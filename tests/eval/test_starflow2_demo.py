@@ -26,7 +26,7 @@ from starflow2_jax.eval import starflow2_prompts as sp
 pytestmark = pytest.mark.slow
 SMALL = ["--samples-per-digit", "3", "--grid-per-digit", "2", "--seeds", "2", "--held-out", "12", "--edit", "12"]
 SECTION_KEYS = {
-    "text_to_image": {"prompt", "guidance", "samples_per_digit", "judge", "accuracy", "variety", "novelty", "grids",
+    "text_to_image": {"prompt", "prompt_text", "guidance", "samples_per_digit", "judge", "accuracy", "variety", "novelty", "grids",
                       "npz"},
     "bits_per_dim": {"value", "std_error", "num_images", "split", "levels", "dequantisation", "passes",
                      "text_nll_per_token", "context"},
@@ -34,8 +34,8 @@ SECTION_KEYS = {
                       "seconds_per_question", "npz"},
     "interleaved": {"prompts", "temperature", "guidance", "structure", "image_accuracy", "image_accuracy_all", "images",
                     "transcripts", "npz"},
-    "next_digit": {"prompt", "num_images", "accuracy", "per_class_accuracy", "guidance", "seconds_per_image", "png",
-                   "npz"},
+    "next_digit": {"prompt", "num_images", "accuracy", "per_class_accuracy", "images_drawn", "word_accuracy",
+                   "guidance", "seconds_per_image", "png", "npz"},
     "cache_check": {"max_abs_difference", "prompt", "seed", "positions", "images", "guided"},
     "timings": {"stages", "scoring", "scoring_seconds", "demo_seconds"},
 }
@@ -115,7 +115,10 @@ def test_the_outputs_agree_with_the_saved_samples(scored):
         assert metrics["text_to_image"]["accuracy"] == judge.judge(npz["samples"], npz["labels"])["accuracy"]
     with np.load(workdir / "scoring" / "next_digit.npz") as npz:
         np.testing.assert_array_equal(npz["labels"], (npz["context_labels"] + 1) % 10)
-        assert metrics["next_digit"]["accuracy"] == np.mean(judge.predict(npz["samples"]) == npz["labels"])
+        drawn = np.isfinite(npz["samples"]).all(axis=(1, 2, 3))  # NaN: no image drawn (counts as wrong)
+        assert metrics["next_digit"]["images_drawn"] == drawn.sum()
+        right = judge.predict(npz["samples"][drawn]) == npz["labels"][drawn]
+        assert metrics["next_digit"]["accuracy"] == right.sum() / 12
     with np.load(workdir / "scoring" / "understanding.npz") as npz:
         answered = [sp.parse_answer(str(a)) for a in npz["answers"]]
         confusion = np.zeros((10, 11), int)
@@ -197,16 +200,21 @@ def test_the_draw_prompt_is_the_training_layout_prefix(stage3_model, digit):
 
 
 def test_the_question_next_digit_and_counting_prompts_are_training_prefixes(stage3_model):
+    """Each ends with the assistant turn opened, the rest of the training document being the answer."""
     cfg, encode = stage3_model
     image = np.zeros((8, 8, 1), np.float32)
+    opened = encode("<|im_start|>assistant\n")
     doc = _training_document(cfg, encode, "question", lambda s: True)
-    _assert_prefix(sp.question_prompt(cfg, encode, image), doc)
+    prompts = [(sp.question_prompt(cfg, encode, image), doc)]
     doc = _training_document(cfg, encode, "next_digit", lambda s: True)
-    _assert_prefix(sp.next_digit_prompt(cfg, encode, image), doc)
+    prompts.append((sp.next_digit_prompt(cfg, encode, image), doc))
     doc = _training_document(cfg, encode, "interleaved", lambda s: dt.INTERLEAVED_PROMPTS[1] in s["texts"])
-    prompt = sp.chat_prompt(cfg, encode, dt.INTERLEAVED_PROMPTS[1])
-    _assert_prefix(prompt, doc)
-    assert encode("nine") == doc["tokens"][len(prompt["tokens"]):][:len(encode("nine"))].tolist()
+    prompts.append((sp.counting_prompt(cfg, encode, dt.INTERLEAVED_PROMPTS[1]), doc))
+    for prompt, doc in prompts:
+        _assert_prefix(prompt, doc)
+        assert prompt["tokens"][-len(opened):].tolist() == opened
+    n = len(prompts[-1][0]["tokens"])
+    assert encode("nine") == prompts[-1][1]["tokens"][n:n + len(encode("nine"))].tolist()
 
 
 def test_what_the_training_documents_ask():
