@@ -54,7 +54,7 @@ def test_demo_stages_1_2_3_train_on_digits_documents_with_the_stage0_vlm(demo_ch
     ("--config.data.kinds=['drawing']", r"data\.kinds=\['drawing'\]: unknown kind 'drawing'"),
     ("--config.data.kinds=['question']", r"data\.kinds=\['question'\]: 'question' is not read with "
                                          r"model\.starflow2\.pairs='t2i'"),
-    ("--config.model.starflow2.seq_len=280", r"model\.starflow2\.seq_len=280: the longest 'interleaved' document"),
+    ("--config.model.starflow2.seq_len=100", r"model\.starflow2\.seq_len=100: the longest 'interleaved' document"),
     ("--config.data.split=test", r"data\.split='test': data\.builder='digits_documents' draws its documents from "
                                  r"the digits' 'train' split only"),
     ("--config.model.starflow2.vlm_checkpoint=", r"model\.starflow2\.tokenizer='' reads the tokenizer\.json of "
