@@ -46,7 +46,8 @@ def _headline(m: Mapping[str, Any]) -> str:
         ("Next digit: drawn digit recognised as (d + 1) mod 10", pct(m["next_digit"]["accuracy"]),
          f"≥ {pct(t['next_digit'])}", verdict(c["next_digit"])),
         ("Cache equality: largest |difference| to one teacher-forced pass",
-         f"{m['cache_check']['max_abs_difference']:.1e}", f"≤ {t['cache_difference']:g}", verdict(c["cache_difference"])),
+         f"{m['cache_check']['max_abs_difference']:.1e}", f"≤ {t['cache_difference']:g}",
+         verdict(c["cache_difference"])),
         ("Whole demo: stages + scoring", "–" if total is None else f"{total / 60:.1f} min",
          f"≤ {t['demo_seconds'] / 60:.0f} min", verdict(c["demo_seconds"])),
     ]
@@ -139,7 +140,8 @@ def _next_digit(workdir: str, m: Mapping[str, Any]) -> str:
 
 def _cache_check(m: Mapping[str, Any]) -> str:
     c = m["cache_check"]
-    return (f"<h2 id=\"cache-check\">6. Cache equality</h2><p>The first interleaved document (“{esc(c['prompt'])}”, "
+    return (f"<h2 id=\"cache-check\">6. Cache equality</h2><p>The first interleaved document "
+            f"(“{esc(c['prompt'])}”, "
             f"seed {c['seed']}: {c['positions']} positions, {c['images']} drawn images"
             f"{', guided: both halves' if c['guided'] else ''}): the caches left by generation against one "
             f"teacher-forced pass over the final sequence differ by at most {c['max_abs_difference']:.2e}.</p>")

@@ -26,8 +26,8 @@ from starflow2_jax.eval import starflow2_prompts as sp
 pytestmark = pytest.mark.slow
 SMALL = ["--samples-per-digit", "3", "--grid-per-digit", "2", "--seeds", "2", "--held-out", "12", "--edit", "12"]
 SECTION_KEYS = {
-    "text_to_image": {"prompt", "prompt_text", "guidance", "samples_per_digit", "judge", "accuracy", "variety", "novelty", "grids",
-                      "npz"},
+    "text_to_image": {"prompt", "prompt_text", "guidance", "samples_per_digit", "judge", "accuracy", "variety",
+                      "novelty", "grids", "npz"},
     "bits_per_dim": {"value", "std_error", "num_images", "split", "levels", "dequantisation", "passes",
                      "text_nll_per_token", "context"},
     "understanding": {"question", "num_images", "accuracy", "unparsed", "confusion", "wrong_examples",
