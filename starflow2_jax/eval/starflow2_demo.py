@@ -509,8 +509,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="the demo's workdir (launch/local.sh demo --workdir)")
     parser.add_argument("--time", action="append", type=parse_timing, default=[], metavar="NAME=SECONDS",
-                        help="a stage's wall time, shown in the report and summed for the 12-minute target "
-                             "(repeatable)")
+                        help="a stage's wall time (the scoring's own is measured here), shown in the report and "
+                             "summed with the scoring's for the 12-minute target (repeatable)")
     parser.add_argument("--samples-per-digit", type=int, default=100, help="judged text → image samples per digit")
     parser.add_argument("--grid-per-digit", type=int, default=10, help="samples per digit in each grid")
     parser.add_argument("--seeds", type=int, default=50, help="seeds per interleaved prompt")
