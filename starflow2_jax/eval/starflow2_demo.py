@@ -359,10 +359,12 @@ def next_digit(run: Run, judge, pixels: np.ndarray, labels: np.ndarray, out: str
     _grid_png(os.path.join(out, "next_digit.png"), np.stack([pixels[shown], np.nan_to_num(drawn[shown], nan=-1.0)]))
     correct = predicted == targets
     spoken = [w for w in said if w]
+    named = [(w, p) for w, p, drew in zip(words, predicted, has_image) if w is not None and drew]
     return dict(prompt=dt.NEXT_DIGIT_PROMPT, num_images=len(prompts), accuracy=float(correct.mean()),
                 per_class_accuracy={str(d): float(correct[targets == d].mean()) for d in np.unique(targets).tolist()},
                 images_drawn=int(has_image.sum()),
                 word_accuracy=float(np.mean([w == t for w, t in zip(words, targets)])) if spoken else None,
+                image_matches_word=float(np.mean([w == p for w, p in named])) if named else None,
                 guidance=run.guidance, seconds_per_image=_seconds_per_call(times),
                 png=f"{SCORING_SUBDIR}/next_digit.png", npz=f"{SCORING_SUBDIR}/next_digit.npz")
 

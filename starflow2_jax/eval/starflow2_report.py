@@ -128,7 +128,9 @@ def _interleaved(m: Mapping[str, Any], transcripts: Sequence[Mapping[str, Any]])
 def _next_digit(workdir: str, m: Mapping[str, Any]) -> str:
     n = m["next_digit"]
     words = "" if n["word_accuracy"] is None else \
-        f" The word it says before its image names (d + 1) mod 10 in {pct(n['word_accuracy'])} of them."
+        (f" The word it says before its image names (d + 1) mod 10 in {pct(n['word_accuracy'])} of them; "
+         f"{pct(n['image_matches_word'])} of the images that follow a digit word are recognised as that word's "
+         f"digit.")
     return (f"<h2 id=\"next-digit\">5. Editing: the next digit</h2><p>A held-out real digit d as context and "
             f"“{esc(n['prompt'])}”; the model writes the assistant turn (images at guidance {n['guidance']:g}) and "
             f"drew an image in {n['images_drawn']} of {n['num_images']} cases; {pct(n['accuracy'])} of all are "

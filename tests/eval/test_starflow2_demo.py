@@ -35,7 +35,7 @@ SECTION_KEYS = {
     "interleaved": {"prompts", "temperature", "guidance", "structure", "image_accuracy", "image_accuracy_all", "images",
                     "transcripts", "npz"},
     "next_digit": {"prompt", "num_images", "accuracy", "per_class_accuracy", "images_drawn", "word_accuracy",
-                   "guidance", "seconds_per_image", "png", "npz"},
+                   "image_matches_word", "guidance", "seconds_per_image", "png", "npz"},
     "cache_check": {"max_abs_difference", "prompt", "seed", "positions", "images", "guided"},
     "timings": {"stages", "scoring", "scoring_seconds", "demo_seconds"},
 }
