@@ -92,3 +92,7 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("measured")
         for nodeid, text in _SUMMARIES:
             terminalreporter.write_line(f"{nodeid}: {text}")
+
+
+# ---- the digits demo's runlocal chain, shared by tests/train and tests/eval (built once per session) ----
+from demo_chain import demo_chain  # noqa: E402,F401  (a fixture; jax is imported inside it, after the setup above)

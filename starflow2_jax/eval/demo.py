@@ -42,7 +42,7 @@ class DemoInputError(RuntimeError):
     """A file the demo's scoring step needs is missing or malformed."""
 
 
-def _read_json(path: str) -> Any:
+def read_json(path: str) -> Any:
     if not os.path.exists(path):
         raise DemoInputError(f"missing {path}")
     with open(path, encoding="utf-8") as f:
@@ -76,7 +76,7 @@ def load_samples(path: str) -> tuple[np.ndarray, np.ndarray, float | None]:
 
 def read_bpd(path: str) -> float:
     """The held-out bits/dim from ``starflow2 eval bpd``'s JSON output."""
-    data = _read_json(path)
+    data = read_json(path)
     for key in ("bits_per_dim", "bpd"):
         if isinstance(data.get(key), (int, float)):
             return float(data[key])
@@ -106,7 +106,7 @@ def score(workdir: str, *, bpd_path: str | None = None, timings: dict[str, float
         raise DemoInputError(f"no {JUDGED_SUBDIR}/samples_cfg<W>.npz in {workdir} (run `starflow2 sample` first)")
     pictures = find_sample_files(workdir, ".png")
     bpd = read_bpd(bpd_path or os.path.join(workdir, "bpd.json"))
-    config = _read_json(os.path.join(workdir, "config.json"))
+    config = read_json(os.path.join(workdir, "config.json"))
     judge = DigitsJudge()
     entries = []
     for guidance in sorted(set(judged) | set(pictures)):
@@ -172,7 +172,7 @@ def summary_lines(metrics: dict) -> list[str]:
     return lines
 
 
-def _parse_timing(text: str) -> tuple[str, float]:
+def parse_timing(text: str) -> tuple[str, float]:
     name, sep, value = text.partition("=")
     try:
         if not sep or not name:
@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m starflow2_jax.eval.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="the demo's workdir")
     parser.add_argument("--bpd", default=None, help="bits/dim JSON (default: WORKDIR/bpd.json)")
-    parser.add_argument("--time", action="append", type=_parse_timing, default=[], metavar="STAGE=SECONDS",
+    parser.add_argument("--time", action="append", type=parse_timing, default=[], metavar="STAGE=SECONDS",
                         help="a stage's wall time, shown in the report (repeatable)")
     parser.add_argument("--resumed", action="store_true", help="training resumed from an existing checkpoint")
     args = parser.parse_args(argv)

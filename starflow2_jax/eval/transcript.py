@@ -27,8 +27,8 @@ import numpy as np
 from starflow2_jax import atomic
 from starflow2_jax.train.images import to_uint8
 
-_STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 50rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+# the parts' look, also for a page that embeds parts (``render_parts``; the digits demo's report)
+PART_STYLE = """
 .part { margin: 0.75rem 0; }
 .prompt { border-left: 4px solid #3b6fb6; padding-left: 0.75rem; background: #f2f6fc; }
 .generated { border-left: 4px solid #999; padding-left: 0.75rem; }
@@ -37,6 +37,9 @@ body { font-family: system-ui, sans-serif; max-width: 50rem; margin: 2rem auto; 
 figure { margin: 0; } figure img { image-rendering: pixelated; border: 1px solid #ccc; min-width: 8rem; }
 figcaption { font-size: 0.8rem; color: #555; }
 """
+_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 50rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+""" + PART_STYLE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +94,15 @@ def _part(index: int, part) -> str:
     return f'<div class="part {origin}" data-kind="{kind}" data-index="{index}">{label}{body}</div>'
 
 
+def render_parts(parts: Sequence) -> str:
+    """The HTML (str) of ``parts`` (``Passage`` / ``Picture``, in document order): one ``<div class="part
+    …">`` each, styled by ``PART_STYLE``; for embedding in another page."""
+    return "\n".join(_part(i, p) for i, p in enumerate(parts))
+
+
 def render_transcript(parts: Sequence, *, title: str = "STARFlow2 transcript") -> str:
     """The HTML page (str) of ``parts`` (``Passage`` / ``Picture``, in document order)."""
-    body = "\n".join(_part(i, p) for i, p in enumerate(parts))
+    body = render_parts(parts)
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n"
             f"<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")

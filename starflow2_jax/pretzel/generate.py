@@ -540,3 +540,51 @@ def interleaved(config: PretzelConfig, params, vlm_params, latent_vars, prompt: 
         if decode:
             images.append(np.asarray(config.latent.decode(latent_vars, x)[0]))
     return dict(sequence=_finish(sequence), latents=latents, images=images if decode else None, state=state)
+
+
+# ---- the no-re-encoding check ----------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("config", "length"))
+def _teacher_forced_caches(config, params, vlm_params, tokens, u, slot, positions, key_mask, *, length: int) -> Caches:
+    return step(config, params, vlm_params, create_caches(config, 1, length), tokens, u, slot, positions,
+                key_mask).caches
+
+
+def cache_difference(config: PretzelConfig, params, vlm_params, sequence: dict, state: State) -> float:
+    """The largest absolute difference between the caches generation left (``state``, after writing
+    ``sequence``) and those of ONE teacher-forced pass over ``sequence`` from empty caches: ≈ 0 (float
+    rounding) when nothing was re-encoded (SPEC §5.3).
+
+    sequence: the final document of ``text_to_image`` / ``interleaved`` (tokens (T,), positions (T, 3),
+    slot (T,), u (T, D)); its ``u`` must hold every slot's value, so the prompt may hold no images
+    (their u is not recorded). The first sample row is compared with the conditional pass over every
+    position; with guidance its unconditional twin (row B) with a pass whose text is masked out of
+    attention, at the keys some query can read (its text positions' own entries are never read).
+    Returns the difference as a float; ValueError when ``state`` has not written exactly ``sequence``.
+    """
+    tokens = np.asarray(sequence["tokens"])
+    t, length = len(tokens), state.caches.length
+    if int(state.caches.index) != t:
+        raise ValueError(f"the caches hold {int(state.caches.index)} positions but the sequence has {t}: expected the "
+                         f"state generation returned with this sequence")
+    u = np.asarray(sequence["u"], np.float32)
+    if u.shape != (t, config.latent_dim):
+        if u.shape != (t, 0) or np.any(sequence["slot"]):  # (T, 0): a document without slots (_finish)
+            raise ValueError(f"sequence u has shape {u.shape}: expected ({t}, {config.latent_dim})")
+        u = np.zeros((t, config.latent_dim), np.float32)
+    seq = {k: jnp.asarray(np.asarray(sequence[k]))[None] for k in ("tokens", "slot", "positions")}
+    seq["u"] = jnp.asarray(u)[None]
+    rows = [(0, None, np.arange(t))]
+    if state.guided:
+        text = np.asarray(text_positions(config, seq["tokens"], seq["slot"], jnp.ones((1, t), jnp.int32)))[0]
+        key_mask = np.pad(~text, (0, length - t))
+        rows.append((state.num_samples, jnp.asarray(key_mask[None]), np.flatnonzero(~text)))
+    worst = 0.0
+    for row, key_mask, read in rows:
+        want = _teacher_forced_caches(config, params, vlm_params, seq["tokens"], seq["u"], seq["slot"],
+                                      seq["positions"], key_mask, length=length)
+        for got, ref in zip(jax.tree_util.tree_leaves(state.caches), jax.tree_util.tree_leaves(want)):
+            if np.ndim(got):  # (layers, rows, S, heads, dim); the index is a scalar
+                got = np.asarray(got[:, row], np.float32)[:, read]
+                ref = np.asarray(ref[:, 0], np.float32)[:, read]
+                worst = max(worst, float(np.max(np.abs(got - ref))) if got.size else 0.0)
+    return worst

@@ -54,20 +54,17 @@ def test_interleaved_caches_equal_teacher_forcing(guidance):
     t = len(seq["tokens"])
     state = res["state"]
     assert int(state.caches.index) == t
-    rows = [(0, None, np.arange(length))]
-    if guidance:
-        # the unconditional half: the same sequence with its text hidden from attention. Its text
-        # positions' own keys/values are never read (masked for every query; their queries see no key,
-        # so they hold softmax-of-nothing garbage): compare the entries some query can read.
-        text = np.asarray(gen.text_positions(cfg, seq["tokens"][None], seq["slot"][None], np.ones((1, t), int)))[0]
-        key_mask = np.pad(~text, (0, length - t))
-        rows.append((1, jnp.asarray(key_mask[None]), np.flatnonzero(key_mask)))
-    for row, key_mask, read in rows:
-        ref = _teacher_forced(cfg, params, seq, length, key_mask).caches
-        for got, want in zip(jax.tree_util.tree_leaves(state.caches), jax.tree_util.tree_leaves(ref)):
-            if got.ndim:
-                got, want = got[:, row:row + 1, read], want[:, :, read]
-            np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    # gen.cache_difference: one teacher-forced pass (the conditional row; with guidance also the
+    # unconditional half, its text hidden from attention: its text positions' own keys/values are never
+    # read — masked for every query, whose queries see no key and hold softmax-of-nothing garbage —, so
+    # only the entries some query can read are compared)
+    assert gen.cache_difference(cfg, params, vlm_params(), seq, state) <= 1e-4
+    # the check sees a re-encoding: a slot's u changed after generation → its keys differ
+    changed = dict(seq, u=seq["u"].copy())
+    changed["u"][starts[1] + 1] += 0.5
+    assert gen.cache_difference(cfg, params, vlm_params(), changed, state) > 1e-2
+    with pytest.raises(ValueError, match=f"the caches hold {t} positions but the sequence has {t - 1}"):
+        gen.cache_difference(cfg, params, vlm_params(), {k: v[:-1] for k, v in seq.items()}, state)
 
 
 def test_guidance_zero_is_deterministic_and_inverts_the_forward():

@@ -17,45 +17,25 @@ import jax
 import numpy as np
 import pytest
 
+from demo_chain import CONFIGS, FAST
 from starflow2_jax.cli.main import main
 from starflow2_jax.train.restore import restore_workdir
 from starflow2_jax.train.tasks import starflow2 as sf2
 
 pytestmark = pytest.mark.slow
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-FAST = ["--config.train.steps=2", "--config.train.log_every=1", "--config.train.checkpoint_every=0",
-        "--config.train.async_checkpoint=False", "--config.data.batch_size=8"]
-
-
-@pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    """A stage-0 run (configs/lm.py:demo,runlocal, 2 steps) and its Hugging Face export."""
-    root = tmp_path_factory.mktemp("demo")
-    assert main(["train", "--config", f"{CONFIGS / 'lm.py'}:demo,runlocal", "--workdir", os.fspath(root / "lm")]
-                + FAST) == 0
-    assert main(["convert", "to-hf", "--workdir", os.fspath(root / "lm"), "--out", os.fspath(root / "hf")]) == 0
-    return root
-
-
-def _stage_argv(root, stage, workdir, *extra):
-    return (["train", "--config", f"{CONFIGS / 'starflow2.py'}:demo,{stage},runlocal", "--workdir",
-             os.fspath(workdir), f"--config.model.starflow2.vlm_checkpoint={root / 'hf'}",
-             f"--config.data.data_dir={root / 'tfds'}"] + FAST + list(extra))
 
 
 def _metrics(workdir):
     return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_demo_stages_1_2_3_train_on_digits_documents_with_the_stage0_vlm(export):
-    previous = None
+def test_demo_stages_1_2_3_train_on_digits_documents_with_the_stage0_vlm(demo_chain):
+    """The chain (``demo_chain``: lm → to-hf → stage 1 → 2 → 3, each ``starflow2 train`` from the previous)."""
     for stage in sf2.STAGES:
-        workdir = export / stage
-        extra = [f"--config.train.init_from={previous}"] if previous else []
-        assert main(_stage_argv(export, stage, workdir, *extra)) == 0, stage
+        workdir = demo_chain / stage
         stored = json.loads((workdir / "config.json").read_text())
         assert stored["data"]["builder"] == "digits_documents" and stored["model"]["starflow2"]["tokenizer"] == ""
-        assert stored["frozen"]["vlm"]["source"] == os.fspath(export / "hf")
+        assert stored["frozen"]["vlm"]["source"] == os.fspath(demo_chain / "stage0_hf")
         last = [m for m in _metrics(workdir) if "loss" in m][-1]
         assert last["step"] == 2 and math.isfinite(last["loss"])
         if stage == "stage1":  # L_NF only, on target images
@@ -64,9 +44,8 @@ def test_demo_stages_1_2_3_train_on_digits_documents_with_the_stage0_vlm(export)
             assert last["loss_nf"] == 0 and last["loss_ntp"] > 0 and last["text_tokens"] > 0
         else:
             assert last["loss_nf"] != 0 and last["loss_ntp"] > 0
-        previous = workdir
-    run = restore_workdir(previous)
-    trained = restore_workdir(export / "lm").params
+    run = restore_workdir(demo_chain / "stage3")
+    trained = restore_workdir(demo_chain / "stage0").params
     for a, b in zip(jax.tree.leaves(run.extra["vlm"]), jax.tree.leaves(trained)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -75,18 +54,18 @@ def test_demo_stages_1_2_3_train_on_digits_documents_with_the_stage0_vlm(export)
     ("--config.data.kinds=['drawing']", r"data\.kinds=\['drawing'\]: unknown kind 'drawing'"),
     ("--config.data.kinds=['question']", r"data\.kinds=\['question'\]: 'question' is not read with "
                                          r"model\.starflow2\.pairs='t2i'"),
-    ("--config.model.starflow2.seq_len=280", r"model\.starflow2\.seq_len=280: the longest 'interleaved' document"),
+    ("--config.model.starflow2.seq_len=100", r"model\.starflow2\.seq_len=100: the longest 'interleaved' document"),
     ("--config.data.split=test", r"data\.split='test': data\.builder='digits_documents' draws its documents from "
                                  r"the digits' 'train' split only"),
     ("--config.model.starflow2.vlm_checkpoint=", r"model\.starflow2\.tokenizer='' reads the tokenizer\.json of "
                                                  r"model\.starflow2\.vlm_checkpoint, which is empty too"),
 ])
-def test_bad_input_names_the_field_and_writes_nothing(export, tmp_path, capsys, override, message):
+def test_bad_input_names_the_field_and_writes_nothing(demo_chain, tmp_path, capsys, override, message):
     import re
 
     workdir = tmp_path / "run"
     argv = ["train", "--config", f"{CONFIGS / 'starflow2.py'}:demo,stage1,runlocal", "--workdir", os.fspath(workdir),
-            f"--config.model.starflow2.vlm_checkpoint={export / 'hf'}"] + FAST + [override]
+            f"--config.model.starflow2.vlm_checkpoint={demo_chain / 'stage0_hf'}"] + FAST + [override]
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err
