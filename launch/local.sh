@@ -538,7 +538,7 @@ demo_starflow2() {
   if [[ "${state}" == resume ]]; then
     log "demo: resuming the ${size} demo in ${DEMO_DIR} (finished stages are skipped)"
   else
-    log "demo: a new ${size} demo in ${DEMO_DIR} (${DEMO_DIR}/demo.json)"
+    log "demo: a new STARFlow2 digits demo (size ${size}) in ${DEMO_DIR} (${DEMO_DIR}/demo.json)"
   fi
   trap 'on_demo_signal TERM' TERM
   trap 'on_demo_signal INT' INT

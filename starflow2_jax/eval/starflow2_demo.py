@@ -4,9 +4,10 @@ Reads the final run of ``launch/local.sh demo`` (``DIR/stage3``, restored as ``s
 EMA parameters when the run kept them) and scores what issue 11 asks, with the package's own tools:
 
 1. text → image: per digit, ``--samples-per-digit`` images of the chat prompt "draw the digit seven"
-   (``demo_text.DRAW_PROMPT``, laid out as the training documents up to the assistant's image:
-   ``eval.starflow2_prompts``) at the config's guidance (``max(sample.guidance)``), all rows of a digit in
-   one ``pretzel.text_to_image`` call, judged by ``DigitsJudge`` (accuracy, variety, novelty); grids of
+   (``demo_text.DRAW_PROMPT``, laid out as the training documents up to the assistant turn:
+   ``eval.starflow2_prompts``) at the config's guidance (``max(sample.guidance)``): the model writes its
+   reply (the digit's word, greedy) and opens the image, all rows of a digit in lockstep (``draw_reply``:
+   one prefill, text segment and image segment), judged by ``DigitsJudge`` (accuracy, variety, novelty); grids of
    ``--grid-per-digit`` per digit at guidance 0 and at the config's guidance (the first of the judged ones);
 2. exact likelihood: bits/dim of the 297 held-out digits (``eval.bpd.evaluate_bpd`` with the family's
    scorer: each image after its first caption in a plain document, 16 levels, uniform dequantisation —
@@ -163,25 +164,53 @@ def _seconds_per_call(times: Sequence[float]) -> float | None:
 
 
 # ---- the sections -------------------------------------------------------------------------------
-def text_to_image(run: Run, judge, out: str, *, samples: int, grid: int, seed: int) -> dict:
-    """Section 1 (module docstring)."""
+def draw_reply(run: Run, prompt: dict, *, rows: int, guidance: float, rng, length: int) -> tuple[str, bool, Any]:
+    """The assistant's reply to a draw prompt cut at its turn, ``rows`` images in lockstep (the segment API):
+    greedy text (the same in every row) until ``<|vision_start|>`` (at most ``SEGMENT_TOKENS``), then one
+    image segment — after a ``<|vision_start|>`` fed in when the reply did not open the image itself (as
+    ``pretzel.text_to_image`` appends it). Returns ``(the text the model wrote, whether it opened the image,
+    images (rows, 8, 8, 1) float32)``."""
+    import jax
+
     from starflow2_jax import pretzel
+
+    cfg = run.config
+    state = pretzel.prefill(cfg, run.params, run.vlm, run.latent, prompt, length=length, num_samples=rows,
+                            guided=guidance != 0)
+    text_rng, noise_rng = jax.random.split(rng)
+    state, ids, count = pretzel.text_segment(cfg, run.params, run.vlm, state, text_rng, max_tokens=SEGMENT_TOKENS,
+                                             allow_images=True)
+    written = np.asarray(ids)[0, :int(count)].tolist()
+    opened = bool(written) and written[-1] == cfg.vlm.vision_start_token_id
+    if opened:
+        written = written[:-1]
+    else:
+        state = pretzel.feed_token(cfg, run.params, run.vlm, state, cfg.vlm.vision_start_token_id)
+    eps = jax.random.normal(noise_rng, (rows, cfg.num_slots, cfg.latent_dim), np.float32)
+    state, u, _ = pretzel.image_segment(cfg, run.params, run.vlm, state, eps, guidance, jacobi=run.jacobi)
+    images = cfg.latent.decode(run.latent, pretzel.invert_shallow(cfg, run.params, u))
+    return run.decode(written), opened, np.asarray(images, np.float32)
+
+
+def text_to_image(run: Run, judge, out: str, *, samples: int, grid: int, seed: int) -> dict:
+    """Section 1 (module docstring); ``reply_names_digit`` / ``reply_opens_image``: the share of the ten
+    replies whose words name the digit asked for / that opened the image themselves."""
     from starflow2_jax.data import demo_text as dt
     from starflow2_jax.eval import starflow2_prompts as sp
 
     prompts = [sp.draw_prompt(run.config, run.encode, d) for d in range(10)]
-    # <|vision_start|>, N slots, <|vision_end|>; one length for every prompt: one compile per row count
-    length = max(len(p["tokens"]) for p in prompts) + run.config.num_slots + 2
+    # the reply (a word and <|vision_start|>), N slots, <|vision_end|>; one length for every prompt: one compile
+    length = max(len(p["tokens"]) for p in prompts) + SEGMENT_TOKENS + run.config.num_slots + 2
     rng = _rng(seed, 1)
-    drawn, plain = [], []
+    drawn, plain, words, opened = [], [], [], []
     for d, prompt in enumerate(prompts):
-        out_d = pretzel.text_to_image(run.config, run.params, run.vlm, run.latent, prompt, rng=_fold(rng, d),
-                                      num_samples=samples, guidance=run.guidance, jacobi=run.jacobi, length=length)
-        drawn.append(np.asarray(out_d["images"], np.float32))
+        word, opens, images = draw_reply(run, prompt, rows=samples, guidance=run.guidance, rng=_fold(rng, d),
+                                         length=length)
+        words.append(word)
+        opened.append(opens)
+        drawn.append(images)
         if run.guidance and grid:
-            out0 = pretzel.text_to_image(run.config, run.params, run.vlm, run.latent, prompt,
-                                         rng=_fold(rng, 100 + d), num_samples=grid, jacobi=run.jacobi, length=length)
-            plain.append(np.asarray(out0["images"], np.float32))
+            plain.append(draw_reply(run, prompt, rows=grid, guidance=0.0, rng=_fold(rng, 100 + d), length=length)[2])
     drawn = np.stack(drawn)  # (10, S, 8, 8, 1)
     plain = np.stack(plain) if plain else drawn[:, :grid]
     labels = np.repeat(np.arange(10), samples)
@@ -197,8 +226,10 @@ def text_to_image(run: Run, judge, out: str, *, samples: int, grid: int, seed: i
         judged = judge.judge(images.reshape((-1,) + DIGITS_SHAPE), np.repeat(np.arange(10), images.shape[1]))
         grids.append(dict(guidance=weight, png=f"{SCORING_SUBDIR}/{name}", samples_per_digit=int(images.shape[1]),
                           accuracy=judged["accuracy"]))
+    named = [sp.parse_answer(w) == d for d, w in enumerate(words)]
     return dict(prompt=dt.DRAW_PROMPT, prompt_text=run.decode(prompts[7]["tokens"].tolist()), guidance=run.guidance,
-                samples_per_digit=samples, judge=result,
+                samples_per_digit=samples, judge=result, replies=words, reply_names_digit=float(np.mean(named)),
+                reply_opens_image=float(np.mean(opened)),
                 accuracy=result["accuracy"], variety=result["variety"]["mean_ratio"],
                 novelty=result["novelty"]["mean_ratio"], grids=grids, npz=f"{SCORING_SUBDIR}/t2i_samples.npz")
 
@@ -420,7 +451,7 @@ def summary_lines(metrics: dict) -> list[str]:
         f"text → image accuracy   {pct(t2i['accuracy']):>7}  (guidance {t2i['guidance']:g}; target >= "
         f"{100 * t['t2i_accuracy']:.0f}%: {mark(c['t2i_accuracy'])})",
         f"text → image variety    {t2i['variety']:7.2f}  (target {t['variety'][0]}-{t['variety'][1]}: "
-        f"{mark(c['variety'])}); novelty {t2i['novelty']:.2f}",
+        f"{mark(c['variety'])}); novelty {t2i['novelty']:.2f}; replies naming the digit {pct(t2i['reply_names_digit'])}",
         f"held-out bits/dim       {metrics['bits_per_dim']['value']:7.3f}  (target <= {t['bpd']}: {mark(c['bpd'])})",
         f"understanding accuracy  {pct(metrics['understanding']['accuracy']):>7}  (target >= "
         f"{100 * t['understanding']:.0f}%: {mark(c['understanding'])})",

@@ -10,8 +10,8 @@ against documents the training pipeline draws). Chat documents open with the sys
 
 Each builder returns ``pretzel.layout_document``'s dict:
 
-    draw_prompt(config, encode, digit)           "draw the digit seven", cut at 'image' (text_to_image appends
-                                                 ``<|vision_start|>``)
+    draw_prompt(config, encode, digit)           "draw the digit seven", cut at 'answer' (the model names the
+                                                 digit, then opens the image; ``cut='image'``: word given)
     question_prompt(config, encode, pixels)      image (context) + "What digit is this?", cut at 'answer'
     next_digit_prompt(config, encode, pixels)    image of d (context) + "Draw the next digit.", cut at 'answer'
     counting_prompt(config, encode, text)        a counting prompt, cut at 'answer'
@@ -71,13 +71,14 @@ def training_prefix(config: pretzel.PretzelConfig, encode: Callable, document: d
     return pretzel.layout_document(config, kept, encode=encode)
 
 
-def draw_prompt(config: pretzel.PretzelConfig, encode: Callable, digit: int) -> dict:
-    """``DRAW_PROMPT`` for ``digit`` (0..9), cut before the assistant's image."""
+def draw_prompt(config: pretzel.PretzelConfig, encode: Callable, digit: int, *, cut: str = "answer") -> dict:
+    """``DRAW_PROMPT`` for ``digit`` (0..9), cut at the assistant turn (the model writes the digit's word,
+    then draws) or, ``cut='image'``, before the assistant's image (its word given)."""
     if isinstance(digit, bool) or not isinstance(digit, (int, np.integer)) or not 0 <= digit < 10:
         raise ValueError(f"digit {digit!r}: expected 0..9")
     words = dt.DRAW_PROMPT.format(name=dt.NUMBER_WORDS[int(digit)])
     document = training_document("draw", lambda d: _user_text(d) == [words] and d.digits == [int(digit)])
-    return training_prefix(config, encode, document, cut="image")
+    return training_prefix(config, encode, document, cut=cut)
 
 
 def question_prompt(config: pretzel.PretzelConfig, encode: Callable, pixels: np.ndarray) -> dict:

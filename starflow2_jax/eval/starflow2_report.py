@@ -69,8 +69,11 @@ def _text_to_image(workdir: str, m: Mapping[str, Any]) -> str:
                         ["novelty"] + [num(j["novelty"]["per_class"].get(c), 2) for c in classes]])
     return (f"<h2 id=\"text-to-image\">1. Text → image</h2>"
             f"<p>Prompt: “{esc(s['prompt'].format(name='seven'))}” (each digit's word) as the stage-3 training "
-            f"documents lay it out up to the assistant's image, then <code>&lt;|vision_start|&gt;</code>; for "
-            f"seven:</p><pre>{esc(s['prompt_text'])}</pre><p>"
+            f"documents lay it out up to the assistant's turn; the model writes its reply (greedy) and opens the "
+            f"image. For seven:</p><pre>{esc(s['prompt_text'])}</pre><p>The replies' words, digits 0–9: "
+            f"{esc(', '.join(repr(w) for w in s['replies']))} ({pct(s['reply_names_digit'])} name the digit asked "
+            f"for; {pct(s['reply_opens_image'])} open the image themselves, the others get "
+            f"<code>&lt;|vision_start|&gt;</code> fed in).</p><p>"
             f"{s['samples_per_digit']} samples per digit at guidance {s['guidance']:g} were judged by a classifier "
             f"trained on the real training digits ({pct(m['classifier_test_accuracy'])} on the real held-out ones): "
             f"accuracy {pct(s['accuracy'])}, variety {num(s['variety'], 2)} (mean pairwise distance within a class "

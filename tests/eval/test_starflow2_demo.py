@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 SMALL = ["--samples-per-digit", "3", "--grid-per-digit", "2", "--seeds", "2", "--held-out", "12", "--edit", "12"]
 SECTION_KEYS = {
     "text_to_image": {"prompt", "prompt_text", "guidance", "samples_per_digit", "judge", "accuracy", "variety",
-                      "novelty", "grids", "npz"},
+                      "novelty", "grids", "npz", "replies", "reply_names_digit", "reply_opens_image"},
     "bits_per_dim": {"value", "std_error", "num_images", "split", "levels", "dequantisation", "passes",
                      "text_nll_per_token", "context"},
     "understanding": {"question", "num_images", "accuracy", "unparsed", "confusion", "wrong_examples",
@@ -86,6 +86,8 @@ def test_scoring_writes_every_section_and_finite_numbers(scored):
     # sizes the flags asked for
     t2i = metrics["text_to_image"]
     assert t2i["judge"]["num_samples"] == 30 and t2i["prompt"] == dt.DRAW_PROMPT
+    assert len(t2i["replies"]) == 10 and t2i["reply_names_digit"] == np.mean(
+        [sp.parse_answer(w) == d for d, w in enumerate(t2i["replies"])])
     assert metrics["bits_per_dim"]["num_images"] == 297 and metrics["bits_per_dim"]["levels"] == 16
     assert metrics["understanding"]["num_images"] == 12 and metrics["next_digit"]["num_images"] == 12
     assert [p["prompt"] for p in metrics["interleaved"]["prompts"]] == list(dt.INTERLEAVED_PROMPTS)
@@ -192,11 +194,17 @@ def test_the_draw_prompt_is_the_training_layout_prefix(stage3_model, digit):
     cfg, encode = stage3_model
     words = dt.DRAW_PROMPT.format(name=dt.NUMBER_WORDS[digit])
     doc = _training_document(cfg, encode, "draw", lambda s: words in s["texts"])
-    prompt = sp.draw_prompt(cfg, encode, digit)
+    prompt = sp.draw_prompt(cfg, encode, digit, cut="image")
     _assert_prefix(prompt, doc, extra=1)
     n = len(prompt["tokens"])
     assert doc["tokens"][n] == cfg.vlm.vision_start_token_id and doc["positions"][n].tolist() == [
         int(prompt["positions"].max()) + 1] * 3
+    # the scoring's cut: the assistant turn opened; the training document goes on with the digit's word
+    reply = sp.draw_prompt(cfg, encode, digit)
+    _assert_prefix(reply, doc)
+    opened, word = encode("<|im_start|>assistant\n"), encode(dt.NUMBER_WORDS[digit])
+    assert reply["tokens"][-len(opened):].tolist() == opened
+    assert doc["tokens"][len(reply["tokens"]):n].tolist() == word
 
 
 def test_the_question_next_digit_and_counting_prompts_are_training_prefixes(stage3_model):
