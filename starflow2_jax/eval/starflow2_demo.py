@@ -23,7 +23,7 @@ EMA parameters when the run kept them) and scores what issue 11 asks, with the p
 7. wall times: the stages' (``--time NAME=SECONDS``, given by the orchestration) and each section's.
 
 Writes ``DIR/scoring/`` (``t2i_samples.npz``, ``t2i_grid_g<W>.png``, ``understanding.npz``,
-``interleaved.npz``, ``interleaved_<k>.html`` — the first seed's transcript of prompt k —,
+``interleaved.npz``, ``interleaved_<k>.html`` and ``.png`` — the first seed's transcript of prompt k —,
 ``next_digit.npz``, ``next_digit.png``), then ``DIR/demo_metrics.json`` and the self-contained
 ``DIR/report.html`` (every file atomically), and prints one line per metric with its target. Exit
 status 0 when everything was scored (a missed target is reported, not an error), 1 when ``DIR`` is not
@@ -288,6 +288,7 @@ def interleaved(run: Run, judge, out: str, *, seeds: int, seed: int, temperature
     from starflow2_jax.data import demo_text as dt
     from starflow2_jax.eval import starflow2_prompts as sp
     from starflow2_jax.eval import transcript
+    from starflow2_jax.eval.transcript_image import write_png
 
     cfg, v = run.config, run.config.vlm
     rng = _rng(seed, 4)
@@ -326,6 +327,7 @@ def interleaved(run: Run, judge, out: str, *, seeds: int, seed: int, temperature
                                                  meta=meta)
                 name = f"interleaved_{k}.html"
                 transcript.write_transcript(os.path.join(out, name), parts, title=f"{text} (seed {s})")
+                write_png(os.path.join(out, f"interleaved_{k}.png"), parts)
                 transcripts.append(dict(prompt=text, html=f"{SCORING_SUBDIR}/{name}", parts=parts))
                 if first is None:
                     first = (seq, res["state"])

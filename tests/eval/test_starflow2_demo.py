@@ -128,7 +128,8 @@ def test_the_outputs_agree_with_the_saved_samples(scored):
             confusion[label, 10 if got is None else got] += 1
         assert metrics["understanding"]["confusion"] == confusion.tolist()
         assert metrics["understanding"]["accuracy"] == np.trace(confusion) / 12
-    for name in ("t2i_grid_g0.png", "next_digit.png", "interleaved.npz", "interleaved_0.html", "interleaved_2.html"):
+    for name in ("t2i_grid_g0.png", "next_digit.png", "interleaved.npz", "interleaved_0.html", "interleaved_2.html",
+                 "interleaved_0.png"):
         assert (workdir / "scoring" / name).is_file(), name
 
 

@@ -137,7 +137,7 @@ def test_a_new_demo_writes_its_manifest_then_trains_stage0_exports_it_and_trains
     workdir, first = demo.workdir, demo.first
     manifest = json.loads((workdir / "demo.json").read_text())
     assert manifest["kind"] == KIND and manifest["size"] == "runlocal" and manifest["configs"] == CONFIGS
-    assert f"a new runlocal demo in {workdir}" in first.stderr
+    assert f"a new STARFlow2 digits demo (size runlocal) in {workdir}" in first.stderr
     assert _train_starts(first.stderr) == {"stage0": "starting from scratch", "stage1": "starting from scratch"}
     # the corpus line the demo prints (from the export's tokenizer) says what stage 0's trainer logged
     shown = re.search(r"^\[local.sh\] demo corpus: (\d+) documents \(.*\), (\d+) image placeholders, (\d+) tokens "
