@@ -53,3 +53,14 @@ def demo_chain(tmp_path_factory) -> Path:
                                                                      "interrupted": False}))
         previous = root / stage
     return root
+
+
+def json_numbers(value, path: str = "metrics") -> list[tuple[str, float]]:
+    """Every number in a JSON value (e.g. ``demo_metrics.json``), with its path."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return []
+    if isinstance(value, (int, float)):
+        return [(path, value)]
+    if isinstance(value, dict):
+        return [n for k, v in value.items() for n in json_numbers(v, f"{path}.{k}")]
+    return [n for i, v in enumerate(value) for n in json_numbers(v, f"{path}[{i}]")]

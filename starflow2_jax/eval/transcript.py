@@ -60,10 +60,8 @@ class Picture:
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def png_bytes(pixels) -> bytes:
-    """The PNG encoding of an image (see ``Picture``). ValueError for another shape or dtype."""
-    from PIL import Image
-
+def image_uint8(pixels) -> np.ndarray:
+    """An image of a ``Picture`` as (H, W, C) uint8. ValueError for another shape or dtype."""
     image = np.asarray(pixels)
     if image.ndim != 3 or image.shape[2] not in (1, 3):
         raise ValueError(f"transcript image of shape {image.shape}: expected (H, W, 1|3)")
@@ -71,6 +69,14 @@ def png_bytes(pixels) -> bytes:
         if not np.issubdtype(image.dtype, np.floating):
             raise ValueError(f"transcript image of dtype {image.dtype}: expected float in [-1, 1] or uint8")
         image = to_uint8(image)
+    return image
+
+
+def png_bytes(pixels) -> bytes:
+    """The PNG encoding of an image (see ``Picture``). ValueError for another shape or dtype."""
+    from PIL import Image
+
+    image = image_uint8(pixels)
     buffer = io.BytesIO()
     Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(buffer, format="PNG")
     return buffer.getvalue()

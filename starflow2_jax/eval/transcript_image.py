@@ -20,8 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from starflow2_jax import atomic
-from starflow2_jax.eval.transcript import Passage, Picture
-from starflow2_jax.train.images import to_uint8
+from starflow2_jax.eval.transcript import Passage, Picture, image_uint8
 
 PROMPT_COLOUR = (40, 90, 170)
 TEXT_COLOUR = (20, 20, 20)
@@ -31,13 +30,7 @@ BACKGROUND = (255, 255, 255)
 
 def _pixels(part: Picture, scale: int) -> np.ndarray:
     """(H·scale, W·scale, 3) uint8 of a picture part."""
-    image = np.asarray(part.pixels)
-    if image.ndim != 3 or image.shape[2] not in (1, 3):
-        raise ValueError(f"transcript image of shape {image.shape}: expected (H, W, 1|3)")
-    if image.dtype != np.uint8:
-        if not np.issubdtype(image.dtype, np.floating):
-            raise ValueError(f"transcript image of dtype {image.dtype}: expected float in [-1, 1] or uint8")
-        image = to_uint8(image)
+    image = image_uint8(part.pixels)
     if image.shape[2] == 1:
         image = np.repeat(image, 3, axis=2)
     return np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from demo_chain import json_numbers
 
 from starflow2_jax.data import demo_text as dt
 from starflow2_jax.eval import starflow2_demo as sd
@@ -62,17 +63,6 @@ def scored(demo_chain, tmp_path_factory):
     return workdir, status, printed.getvalue()
 
 
-def _numbers(value, path="metrics"):
-    """Every number in a JSON value, with its path."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return []
-    if isinstance(value, (int, float)):
-        return [(path, value)]
-    if isinstance(value, dict):
-        return [n for k, v in value.items() for n in _numbers(v, f"{path}.{k}")]
-    return [n for i, v in enumerate(value) for n in _numbers(v, f"{path}[{i}]")]
-
-
 def test_scoring_writes_every_section_and_finite_numbers(scored):
     workdir, status, printed = scored
     assert status == 0
@@ -81,7 +71,7 @@ def test_scoring_writes_every_section_and_finite_numbers(scored):
         assert set(metrics[section]) == keys, section
     assert set(metrics["checks"]) == set(sd.TARGETS) and metrics["targets"] == sd.TARGETS
     assert metrics["run"]["workdir"] == os.fspath(workdir / "stage3") and metrics["run"]["step"] == 2
-    bad = [(p, v) for p, v in _numbers(metrics) if not math.isfinite(v)]
+    bad = [(p, v) for p, v in json_numbers(metrics) if not math.isfinite(v)]
     assert not bad, bad
     # sizes the flags asked for
     t2i = metrics["text_to_image"]

@@ -14,8 +14,8 @@ stage 3 instead of scoring; once it is, they go through it and its report and me
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
+import math
 import os
 import re
 import signal
@@ -27,6 +27,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from demo_chain import json_numbers
+
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_SH = REPO / "launch" / "local.sh"
 KIND = "starflow2-digits-demo"
@@ -35,9 +37,6 @@ CONFIGS = {"stage0": "configs/lm.py:demo,runlocal", "stage1": "configs/starflow2
            "stage2": "configs/starflow2.py:demo,stage2,runlocal", "stage3": "configs/starflow2.py:demo,stage3,runlocal"}
 # stage 2 of the stopped run: long enough to be stepping when SIGTERM comes, one checkpoint (SIGTERM's)
 LONG = "--config.train.steps=100000 --config.train.checkpoint_every=0 --config.train.log_every=1"
-SCORING = importlib.util.find_spec("starflow2_jax.eval.starflow2_demo") is not None
-# without the scoring module the demo cannot finish; the stages are still all run
-END = {} if SCORING else {"STARFLOW2_DEMO_STOP_AFTER": "stage3"}
 
 needs_venv = pytest.mark.skipif(
     not (REPO / ".venv" / "bin" / "starflow2").exists() or Path(sys.prefix).resolve() != (REPO / ".venv").resolve(),
@@ -103,7 +102,7 @@ def demo(tmp_path_factory):
     assert first.returncode == 0, first.stderr[-4000:]
 
     process = subprocess.Popen(["bash", str(LOCAL_SH), "demo", "--workdir", str(workdir)], cwd=root,
-                               env=_user_env(STARFLOW2_DEMO_TRAIN_ARGS=LONG, **END), stdout=subprocess.PIPE,
+                               env=_user_env(STARFLOW2_DEMO_TRAIN_ARGS=LONG), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
@@ -124,7 +123,7 @@ def demo(tmp_path_factory):
     step = saved[0]
     after_stop = {"demo": sorted(os.listdir(workdir)), "stage2": sorted(os.listdir(workdir / "stage2"))}
 
-    resumed = _demo(workdir, root, **END,
+    resumed = _demo(workdir, root,
                     STARFLOW2_DEMO_TRAIN_ARGS=f"--config.train.steps={step + 2} --config.train.log_every=1")
     return SimpleNamespace(root=root, workdir=workdir, first=first, stopped=stopped, step=step, earlier=earlier,
                            after_stop=after_stop, resumed=resumed)
@@ -184,9 +183,8 @@ def test_sigterm_stops_the_running_stage_and_a_rerun_resumes_it_from_its_checkpo
         assert summary["step"] == step + 2 and summary["interrupted"] is False
     assert {name: _snapshot(workdir / name) for name in demo.earlier} == demo.earlier  # not rerun, not touched
     assert not _temporaries(workdir)
-    if SCORING:
-        assert (workdir / "report.html").is_file() and (workdir / "demo_metrics.json").is_file()
-        assert f"report        {workdir}/report.html" in resumed.stdout
+    assert (workdir / "report.html").is_file() and (workdir / "demo_metrics.json").is_file()
+    assert f"report        {workdir}/report.html" in resumed.stdout
 
 
 @needs_venv
@@ -195,7 +193,7 @@ def test_sigterm_stops_the_running_stage_and_a_rerun_resumes_it_from_its_checkpo
 def test_a_finished_demo_reruns_only_the_scoring(demo):
     workdir = demo.workdir
     stages = {name: _snapshot(workdir / name) for name in (*STAGES, "stage0_hf")}
-    again = _demo(workdir, demo.root, **END)
+    again = _demo(workdir, demo.root)
     assert again.returncode == 0, again.stderr[-4000:]
     assert _train_starts(again.stderr) == {}  # no `starflow2 train` started
     assert "starflow2 train --config" not in again.stderr and "convert to-hf" not in again.stderr
@@ -203,11 +201,21 @@ def test_a_finished_demo_reruns_only_the_scoring(demo):
         assert re.search(rf"demo: {stage} finished earlier \(step \d+, [\d.]+ s; .*\): skipped", again.stderr), stage
     assert f"demo: export {workdir / 'stage0_hf'} exists: skipped" in again.stderr
     assert {name: _snapshot(workdir / name) for name in stages} == stages
-    if SCORING:
-        assert "demo: scoring" in again.stderr and "demo finished in" in again.stdout
-        assert f"metrics       {workdir}/demo_metrics.json" in again.stdout
-    else:
-        assert "demo: stopped after stage3" in again.stderr
+    assert "demo: scoring" in again.stderr and "demo finished in" in again.stdout
+    assert f"metrics       {workdir}/demo_metrics.json" in again.stdout
+    # the report of the whole pipeline: every section, every number finite, a verdict per target
+    from starflow2_jax.eval.starflow2_demo import TARGETS
+    from starflow2_jax.eval.starflow2_report import SECTIONS
+
+    metrics = json.loads((workdir / "demo_metrics.json").read_text())
+    assert set(metrics["checks"]) == set(TARGETS)
+    bad = [(path, value) for path, value in json_numbers(metrics) if not math.isfinite(value)]
+    assert not bad, bad
+    page = (workdir / "report.html").read_text()
+    assert all(f'<h2 id="{section}">' in page for section in SECTIONS)
+    for line in ("text → image accuracy", "held-out bits/dim", "understanding accuracy", "interleaved structure",
+                 "next-digit accuracy", "cache difference", "whole demo"):
+        assert re.search(rf"^{line} .*(met|MISSED|n/a)\)", again.stdout, flags=re.M), line
 
 
 @needs_venv
