@@ -93,7 +93,12 @@ def test_sizes_and_arguments(capsys):
     out = capsys.readouterr().out
     assert "tiny" in out and "mid" in out and "demo" in out
     demo = bench_pretzel.demo_size()  # the family's demo model, not a copy of its numbers
-    assert (demo.num_slots, demo.latent_dim, demo.flow_width, demo.deep_layers, demo.seq_len) == (64, 16, 128, 4, 384)
+    from starflow2_jax.config_files import load_config
+
+    s = load_config("configs/starflow2.py:demo,stage3").model.starflow2  # the preset's fields, read directly
+    size, patch, channels = s.latent.image_size, s.latent.patch, s.latent.channels
+    assert (demo.num_slots, demo.latent_dim) == ((size // patch) ** 2, patch * patch * channels)
+    assert (demo.flow_width, demo.deep_layers, demo.seq_len) == (s.flow_width, s.deep_layers, s.seq_len)
     mid = bench_pretzel.mid_size()
     assert mid.num_slots == 64 and mid.latent_dim == 48 and mid.validate() is mid
     for argv, message in ((["--size", "huge"], "huge"), (["--images", "0,1"], "--images"),
