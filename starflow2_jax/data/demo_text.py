@@ -41,15 +41,21 @@ ANSWER = "{name}"
 COUNT_UP = "Count from {start} to {end}, drawing each number."
 COUNT_DOWN = "Count down from {start} to {end}, drawing each number."
 COUNT_EVEN = "Count by twos from {start} to {end}, drawing each number."
-# interleaved generation, scored: the assistant answers "{word}" + image for each number, in order
+# interleaved generation, scored: the assistant answers drawing_text(n) + image for each number, in order
 INTERLEAVED_PROMPTS = (COUNT_UP.format(start="one", end="four"), COUNT_DOWN.format(start="nine", end="six"),
                        COUNT_EVEN.format(start="two", end="eight"))
 NEXT_DIGIT_PROMPT = "Draw the next digit."  # editing / visual reasoning, scored: an image of (d + 1) mod 10
-# The assistant names each digit it draws, then draws it ("seven", image), in every chat kind: the position
-# that predicts the word is where the frozen language model's last hidden state holds the digit, which is
-# what the deep flow reads (SPEC §5). A tiny language model's last state elsewhere barely differs between
-# digits (cosine 0.99 between "draw the digit three" and "… seven"), so without the word the flow learnt no
-# conditioning in the demo's budget (likelihood classification at chance after 400 steps; 25% with it).
+# The assistant names each digit it draws twice, then draws it ("seven, a handwritten seven", image;
+# ``DRAWING``), in every chat kind. The deep flow reads the frozen language model's last hidden states
+# (SPEC §5), and a language model this small keeps almost nothing of a word in the last state AT the word
+# (cosine 0.99 between "draw the digit three" and "… seven"): its last state holds the digit only where the
+# NEXT word is the digit. Without a word before the image the flow learnt no conditioning in the demo's
+# budget (likelihood classification at chance after 400 steps; 25% with it). Named once, the word is
+# predictable (hence held) only where the prompt already named it ("draw the digit seven" → "seven"); after
+# "Draw the next digit." the frozen model cannot know it, and images drawn there after the right word were
+# at chance (9–13% after stage 1). The second naming is predictable from the first in every context: with
+# it they were 21–22%, as after "draw the digit …" (stage 1, 600 steps, guidance 2).
+DRAWING = "{name}, a handwritten {name}"
 EXTRA_CAPTIONS = ("a handwritten {name}", "the digit {digit}", "the digit {name}", "a picture of the number {name}")
 
 # ---- the token structure (Qwen2.5-VL's markers; pretzel.layout's) ------------------------------
@@ -141,9 +147,14 @@ def _caption(rng: np.random.Generator) -> DemoDocument:
     return DemoDocument("caption", (("text", items),))
 
 
+def drawing_text(d: int) -> str:
+    """What the assistant says before it draws digit ``d`` (``DRAWING``)."""
+    return DRAWING.format(name=_name(d))
+
+
 def drawing(d: int) -> tuple:
-    """The assistant's items that draw digit ``d``: its word, then the image."""
-    return _name(d), DigitImage(d)
+    """The assistant's items that draw digit ``d``: ``drawing_text(d)``, then the image."""
+    return drawing_text(d), DigitImage(d)
 
 
 def draw_document(prompt: str, d: int) -> DemoDocument:

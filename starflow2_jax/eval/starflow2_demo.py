@@ -6,7 +6,7 @@ EMA parameters when the run kept them) and scores what issue 11 asks, with the p
 1. text → image: per digit, ``--samples-per-digit`` images of the chat prompt "draw the digit seven"
    (``demo_text.DRAW_PROMPT``, laid out as the training documents up to the assistant turn:
    ``eval.starflow2_prompts``) at the config's guidance (``max(sample.guidance)``): the model writes its
-   reply (the digit's word, greedy) and opens the image, all rows of a digit in lockstep (``draw_reply``:
+   reply (``demo_text.drawing_text``, "seven, a handwritten seven", greedy) and opens the image, all rows of a digit in lockstep (``draw_reply``:
    one prefill, text segment and image segment), judged by ``DigitsJudge`` (accuracy, variety, novelty); grids of
    ``--grid-per-digit`` per digit at guidance 0 and at the config's guidance (the first of the judged ones);
 2. exact likelihood: bits/dim of the 297 held-out digits (``eval.bpd.evaluate_bpd`` with the family's
@@ -53,7 +53,7 @@ TARGETS = {"t2i_accuracy": 0.97, "variety": [0.8, 1.2], "bpd": 2.20, "understand
            "interleaved_structure": 0.90, "interleaved_images": 0.90, "next_digit": 0.85, "cache_difference": 1e-4,
            "demo_seconds": 720.0}
 ANSWER_TOKENS = 8  # an answer is one word and <|im_end|>
-INTERLEAVED_TOKENS = 24  # four number words, four <|vision_start|> and <|im_end|>, with room to spare
+INTERLEAVED_TOKENS = 40  # four drawing texts (5 tokens each), four <|vision_start|> and <|im_end|>, with room
 SEGMENT_TOKENS = 8
 DIGITS_SHAPE = (8, 8, 1)
 

@@ -72,8 +72,8 @@ def training_prefix(config: pretzel.PretzelConfig, encode: Callable, document: d
 
 
 def draw_prompt(config: pretzel.PretzelConfig, encode: Callable, digit: int, *, cut: str = "answer") -> dict:
-    """``DRAW_PROMPT`` for ``digit`` (0..9), cut at the assistant turn (the model writes the digit's word,
-    then draws) or, ``cut='image'``, before the assistant's image (its word given)."""
+    """``DRAW_PROMPT`` for ``digit`` (0..9), cut at the assistant turn (the model writes
+    ``demo_text.drawing_text``, then draws) or, ``cut='image'``, before the assistant's image (that text given)."""
     if isinstance(digit, bool) or not isinstance(digit, (int, np.integer)) or not 0 <= digit < 10:
         raise ValueError(f"digit {digit!r}: expected 0..9")
     words = dt.DRAW_PROMPT.format(name=dt.NUMBER_WORDS[int(digit)])
@@ -109,7 +109,7 @@ def next_digit_target(digit: int) -> int:
 
 def counting_expectation(prompt: str) -> list[int]:
     """The numbers (in order) the assistant answers a counting ``prompt`` with in the training documents
-    of kind 'interleaved' (each as its word, then an image of it). ValueError when no training document
+    of kind 'interleaved' (each as ``demo_text.drawing_text``, then an image of it). ValueError when no training document
     asks ``prompt``."""
     for doc in dd.document_space("interleaved", "mixed"):
         (_, (asked,)), _ = doc.turns
@@ -123,14 +123,15 @@ _WORD = re.compile(r"[a-z]+")
 
 
 def parse_answer(text: str) -> int | None:
-    """The digit (0..9) an answer names: the answer's only number word (``demo_text.NUMBER_WORDS``),
+    """The digit (0..9) an answer names: the number its number words (``demo_text.NUMBER_WORDS``) name —
+    one word, or the same word repeated, as in ``demo_text.drawing_text`` ("seven, a handwritten seven") —
     markers such as ``<|im_end|>`` and punctuation ignored, case-insensitive. None when it names no
-    number, several, or a number above nine."""
+    number, two different ones, or a number above nine."""
     words = _WORD.findall(_without_markers(text).lower())
-    numbers = [dt.NUMBER_WORDS.index(w) for w in words if w in dt.NUMBER_WORDS]
-    if len(numbers) != 1 or numbers[0] > 9:
+    numbers = {dt.NUMBER_WORDS.index(w) for w in words if w in dt.NUMBER_WORDS}
+    if len(numbers) != 1 or min(numbers) > 9:
         return None
-    return numbers[0]
+    return numbers.pop()
 
 
 def _without_markers(text: str) -> str:
@@ -145,8 +146,9 @@ def parse_interleaved(tokens: Sequence[int], *, decode: Callable[[list], str], v
     """A generated assistant turn (the tokens after the prompt) against the expected counting answer.
 
     The turn is split into text runs and images (``<|vision_start|>`` … ``<|vision_end|>``). The right
-    structure is: for each expected number in order, a text run that is exactly its word
-    (``demo_text.NUMBER_WORDS``, surrounding whitespace ignored) followed by exactly one image; then a
+    structure is: for each expected number in order, a text run that is exactly what the training documents
+    say before drawing it (``demo_text.drawing_text``, surrounding whitespace ignored) followed by exactly one
+    image; then a
     final text run of end tokens only (``<|im_end|>``). Returns ``dict(ok, reason (None when ok), words
     [the decoded text run before each image], labels [per image: the digit its preceding run names
     (``parse_answer``), or None], images (count))``.
@@ -169,7 +171,7 @@ def parse_interleaved(tokens: Sequence[int], *, decode: Callable[[list], str], v
     labels = [parse_answer(w) for w in words]
     result = dict(words=words, labels=labels, images=len(words), ok=False, reason=None)
     texts = [p[1] for p in pieces if p[0] == "text"]  # one more than the images
-    expected = [dt.NUMBER_WORDS[int(n)] for n in expected]
+    expected = [dt.drawing_text(int(n)) for n in expected]
     if inside:
         result["reason"] = "unfinished image"
     for k, want in enumerate(expected):

@@ -48,6 +48,12 @@ def test_corpus_is_deterministic_for_a_seed_and_holds_every_kind(corpus):
     assert summary["images"] == sum(len(d.digits) for d in corpus) > 0
 
 
+def said(d: int) -> str:
+    """What the assistant says before drawing ``d``, written out here (demo_text.DRAWING)."""
+    word = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"][d]
+    return f"{word}, a handwritten {word}"
+
+
 def test_corpus_holds_the_scored_prompts_with_consistent_answers(corpus):
     """The wordings the scoring imports occur, and each answer / drawn digit follows from its prompt."""
     by_kind = {k: [d for d in corpus if d.kind == k] for k in dt.KINDS}
@@ -59,17 +65,18 @@ def test_corpus_holds_the_scored_prompts_with_consistent_answers(corpus):
     for doc in by_kind["next_digit"]:
         (_, user), (_, answer) = doc.turns
         following = (user[0].digit + 1) % 10
-        assert user[1] == dt.NEXT_DIGIT_PROMPT and answer == (names[following], dt.DigitImage(following))
+        assert user[1] == dt.NEXT_DIGIT_PROMPT and answer == (said(following), dt.DigitImage(following))
     for doc in by_kind["draw"]:
         (_, (prompt,)), (_, answer) = doc.turns
-        word, image = answer  # the assistant names the digit it draws, then draws it
-        assert word == names[image.digit] and (word in prompt or str(image.digit) in prompt)
+        text, image = answer  # the assistant names the digit it draws (twice), then draws it
+        assert text == said(image.digit)
+        assert names[image.digit] in prompt or str(image.digit) in prompt
     for doc in by_kind["interleaved"]:
         (_, (prompt,)), (_, items) = doc.turns
-        words, images = items[0::2], items[1::2]
-        assert [names.index(w) for w in words] == [i.digit for i in images]
+        texts, images = items[0::2], items[1::2]
+        assert list(texts) == [said(i.digit) for i in images]
         start, end = re.search(r"from (\w+) to (\w+),", prompt).groups()
-        assert (words[0], words[-1]) == (start, end)
+        assert (names[images[0].digit], names[images[-1].digit]) == (start, end)
         steps = {b - a for a, b in zip([i.digit for i in images], [i.digit for i in images][1:])}
         assert steps == {1 if prompt.startswith("Count from") else -1 if "down" in prompt else 2}
     arithmetic = [d.turns[0][1][0] for d in by_kind["arithmetic"]]

@@ -190,10 +190,12 @@ def test_the_draw_prompt_is_the_training_layout_prefix(stage3_model, digit):
     n = len(prompt["tokens"])
     assert doc["tokens"][n] == cfg.vlm.vision_start_token_id and doc["positions"][n].tolist() == [
         int(prompt["positions"].max()) + 1] * 3
-    # the scoring's cut: the assistant turn opened; the training document goes on with the digit's word
+    # the scoring's cut: the assistant turn opened; the training document goes on with what the assistant
+    # says before drawing ("seven, a handwritten seven")
     reply = sp.draw_prompt(cfg, encode, digit)
     _assert_prefix(reply, doc)
-    opened, word = encode("<|im_start|>assistant\n"), encode(dt.NUMBER_WORDS[digit])
+    name = dt.NUMBER_WORDS[digit]
+    opened, word = encode("<|im_start|>assistant\n"), encode(f"{name}, a handwritten {name}")
     assert reply["tokens"][-len(opened):].tolist() == opened
     assert doc["tokens"][len(reply["tokens"]):n].tolist() == word
 
@@ -225,18 +227,24 @@ def test_what_the_training_documents_ask():
 
 @pytest.mark.parametrize("text,digit", [("seven", 7), ("seven<|im_end|>", 7), (" Seven.", 7), ("It is a three", 3),
                                         ("zero\n", 0), ("ten", None), ("seven eight", None), ("", None),
-                                        ("sevenfold", None), ("7", None)])
+                                        ("sevenfold", None), ("7", None), ("seven, a handwritten seven", 7),
+                                        ("seven, a handwritten eight", None)])
 def test_answer_parser(text, digit):
     assert sp.parse_answer(text) == digit
 
 
 # a toy vocabulary: words, the markers and <|im_end|> (what the parser sees of a generated turn)
-VS, VE, PAD, END = 100, 101, 102, 103
-WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 9: " nine", 20: "!"}
+VS, VE, PAD, END, HANDWRITTEN, NINE = 100, 101, 102, 103, 104, 105
+WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 9: " nine", NINE: "nine", 20: "!", HANDWRITTEN: ", a handwritten "}
 
 
 def _decode(ids):
     return "".join(WORDS.get(i, {END: "<|im_end|>"}.get(i, "?")) for i in ids)
+
+
+def _say(word):
+    """What the training documents say before drawing a number: "two, a handwritten two"."""
+    return [word, HANDWRITTEN, word]
 
 
 def _image():
@@ -249,36 +257,42 @@ def _parse(tokens, expected=(1, 2, 3)):
 
 
 def test_structure_parser_accepts_the_right_structure():
-    got = _parse([1, *_image(), 2, *_image(), 3, *_image(), END])
-    assert got == dict(ok=True, reason=None, words=["one", "two", "three"], labels=[1, 2, 3], images=3)
-    assert _parse([9, *_image(), END], expected=[9])["ok"]  # surrounding whitespace of a word ignored
+    got = _parse([*_say(1), *_image(), *_say(2), *_image(), *_say(3), *_image(), END])
+    assert got == dict(ok=True, reason=None, words=["one, a handwritten one", "two, a handwritten two",
+                                                    "three, a handwritten three"], labels=[1, 2, 3], images=3)
+    assert not _parse([1, *_image(), 2, *_image(), 3, *_image(), END])["ok"]  # the word alone is not what training says
+    assert _parse([9, HANDWRITTEN, NINE, *_image(), END], expected=[9])["ok"]  # surrounding whitespace ignored
+
+
+ONE, TWO, THREE, FOUR = (_say(n) for n in (1, 2, 3, 4))
 
 
 @pytest.mark.parametrize("tokens,reason", [
-    ([1, *_image(), 2, 3, *_image(), END], "word 2 is 'twothree': expected 'two'"),
-    ([1, *_image(), 2, END], "image 2 missing (after 'two')"),
-    ([1, *_image(), 2, *_image(), 4, *_image(), END], "word 3 is 'four': expected 'three'"),
-    ([1, *_image(), 2, *_image(), 3, *_image(), 20, END], "extra text '!<|im_end|>' before the end of turn"),
-    ([1, *_image(), 2, *_image(), 3, *_image()], "no end of turn"),
-    ([1, *_image(), 2, *_image(), 3, *_image(), 4, *_image(), END], "4 images: expected 3"),
-    ([1, *_image(), *_image(), 2, *_image(), 3, *_image(), END], "word 2 is '': expected 'two'"),
-    ([END], "text '<|im_end|>' where 'one' and an image were expected"),
-    ([1, *_image(), 2, VS, PAD], "unfinished image"),
+    ([*ONE, *_image(), *TWO, 3, *_image(), END],
+     "word 2 is 'two, a handwritten twothree': expected 'two, a handwritten two'"),
+    ([*ONE, *_image(), *TWO, END], "image 2 missing (after 'two, a handwritten two')"),
+    ([*ONE, *_image(), *TWO, *_image(), *FOUR, *_image(), END],
+     "word 3 is 'four, a handwritten four': expected 'three, a handwritten three'"),
+    ([*ONE, *_image(), 2, *_image(), *THREE, *_image(), END], "word 2 is 'two': expected 'two, a handwritten two'"),
+    ([*ONE, *_image(), *TWO, *_image(), *THREE, *_image(), 20, END], "extra text '!<|im_end|>' before the end of turn"),
+    ([*ONE, *_image(), *TWO, *_image(), *THREE, *_image()], "no end of turn"),
+    ([*ONE, *_image(), *TWO, *_image(), *THREE, *_image(), *FOUR, *_image(), END], "4 images: expected 3"),
+    ([*ONE, *_image(), *_image(), *TWO, *_image(), *THREE, *_image(), END],
+     "word 2 is '': expected 'two, a handwritten two'"),
+    ([END], "text '<|im_end|>' where 'one, a handwritten one' and an image were expected"),
+    ([*ONE, *_image(), *TWO, VS, PAD], "unfinished image"),
 ])
 def test_structure_parser_names_what_is_wrong(tokens, reason):
     got = _parse(tokens)
     assert not got["ok"] and got["reason"] == reason
 
 
-def test_structure_parser_labels_images_by_the_word_before_them():
-    got = _parse([4, *_image(), 20, *_image(), 2, *_image(), END])
-    assert got["labels"] == [4, None, 2] and got["words"] == ["four", "!", "two"] and not got["ok"]
+def test_structure_parser_labels_images_by_the_words_before_them():
+    got = _parse([*FOUR, *_image(), 20, *_image(), *TWO, *_image(), END])
+    assert got["labels"] == [4, None, 2] and not got["ok"]
+    assert got["words"] == ["four, a handwritten four", "!", "two, a handwritten two"]
 
 
-@pytest.mark.parametrize("broken,named", [
-    ("no_demo_json", "demo.json"), ("wrong_kind", "demo.json"), ("no_stage3", "stage3"),
-    ("no_summary", "train_summary.json"), ("interrupted", "train_summary.json"), ("stage2_as_stage3", "config.json"),
-])
 def test_bad_workdir_exits_1_naming_the_file_and_writes_nothing(demo_chain, tmp_path, capsys, broken, named):
     workdir = tmp_path / "demo"
     workdir.mkdir()
