@@ -293,6 +293,10 @@ def test_structure_parser_labels_images_by_the_words_before_them():
     assert got["words"] == ["four, a handwritten four", "!", "two, a handwritten two"]
 
 
+@pytest.mark.parametrize("broken,named", [
+    ("no_demo_json", "demo.json"), ("wrong_kind", "demo.json"), ("no_stage3", "stage3"),
+    ("no_summary", "train_summary.json"), ("interrupted", "train_summary.json"), ("stage2_as_stage3", "config.json"),
+])
 def test_bad_workdir_exits_1_naming_the_file_and_writes_nothing(demo_chain, tmp_path, capsys, broken, named):
     workdir = tmp_path / "demo"
     workdir.mkdir()
