@@ -131,6 +131,9 @@ def test_image_temperature_of_the_presets():
         with pytest.raises(ValueError, match=rf"sample\.image_temperature=0\.5: only model\.family in "
                                              rf"\('starflow2',\).*\(model\.family is '{config.model.family}'"):
             validate(config)
+    for bad in ("0", "-0.5"):  # on a starflow2 config: the range itself
+        with pytest.raises(ValueError, match=rf"sample\.image_temperature={float(bad)}: expected a number > 0"):
+            validate(load_config("configs/starflow2.py:tiny,stage1", [f"sample.image_temperature={bad}"]))
     with pytest.raises(ConfigError, match=r"sample\.image_temperature='warm': expected a float"):
         load_config("configs/starflow2.py:demo,stage3", ["sample.image_temperature=warm"])
 
