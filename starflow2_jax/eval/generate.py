@@ -127,7 +127,7 @@ def generate(workdir: str, out_dir: str, *, mode: str, prompts: Sequence[str] = 
     docs = [_prompt_document(task, p, pixels) for p in prompts]  # every bad prompt found before generating
     jac = _jacobi(jacobi)
     if image_temperature is None:
-        image_temperature = task.image_temperature  # the run's sample.image_temperature
+        image_temperature = float(restored.config.sample.image_temperature)  # validated with the stored config
     rng = jax.random.key(seed)
     parts, texts, outputs, started = [], [], [], time.perf_counter()
     for i, (prompt, doc) in enumerate(zip(prompts, docs)):
