@@ -27,8 +27,8 @@ from starflow2_jax.pretzel.step import StepOutput
 
 __all__ = [
     "Caches", "Image", "Output", "PRESETS", "PretzelConfig", "State", "StepOutput", "Text", "apply_model",
-    "cache_difference", "chat_items", "check_batch", "check_image_temperature", "config_from_dict", "config_to_dict", "create_caches",
-    "encode_images", "feed_token", "forward", "image_nll", "image_segment", "image_to_text", "init", "init_boxed",
-    "interleaved", "invert_shallow", "layout_document", "lm_logits", "loss", "per_example", "prefill", "preset",
-    "sevenb", "text_segment", "text_to_image", "tiny",
+    "cache_difference", "chat_items", "check_batch", "check_image_temperature", "config_from_dict", "config_to_dict",
+    "create_caches", "encode_images", "feed_token", "forward", "image_nll", "image_segment", "image_to_text", "init",
+    "init_boxed", "interleaved", "invert_shallow", "layout_document", "lm_logits", "loss", "per_example", "prefill",
+    "preset", "sevenb", "text_segment", "text_to_image", "tiny",
 ]

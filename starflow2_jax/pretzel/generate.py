@@ -519,9 +519,9 @@ def interleaved(config: PretzelConfig, params, vlm_params, latent_vars, prompt: 
     for ``text_to_image``) and ``<|vision_end|>``; then text again, until a stop token, ``max_new_tokens``
     text tokens, ``max_images`` images or the caches' ``length``. temperature / top_p: the text's;
     image_temperature: the images' (T > 0: each image step's noise is T·ε, as for ``text_to_image``).
-    logit_bias: (vocab,) added to every text logit (e.g. to make images more or less likely). Returns ``dict(sequence (the final
-    document: tokens, positions, slot, u), latents [(N, D) per image], images [(H, W, C)] or None,
-    state)``."""
+    logit_bias: (vocab,) added to every text logit (e.g. to make images more or less likely). Returns
+    ``dict(sequence (the final document: tokens, positions, slot, u), latents [(N, D) per image], images
+    [(H, W, C)] or None, state)``."""
     n = config.num_slots
     _check_prompt(config, prompt, 1, length)
     _jacobi(jacobi, n)  # bad options fail before any work

@@ -349,7 +349,8 @@ def test_sample_draws_a_text_to_image_grid_at_each_guidance(chain, tmp_path, cap
     def oracle(i, prompt, guidance, num, image_temperature=1.0):
         doc = pretzel.layout_document(cfg, [prompt], encode=encode)
         images = pretzel.text_to_image(cfg, restored.params, vlm, {}, doc, rng=jax.random.fold_in(jax.random.key(3), i),
-                                       num_samples=num, guidance=guidance, image_temperature=image_temperature)["images"]
+                                       num_samples=num, guidance=guidance,
+                                       image_temperature=image_temperature)["images"]
         return np.clip(np.asarray(images), -1, 1)
 
     for i, prompt in enumerate(prompts):

@@ -21,8 +21,9 @@ every start and never written into step checkpoints, are ``extra_vars`` entries:
 Batches are packed rows (``data.packing``) of the Pretzel layout (``pretzel.layout_document``) made by
 ``train.tasks.starflow2_data``; the loss is ``pretzel.loss`` with the stage's weights (caption dropout
 and latent noise from the config); eval gives per-row image NLL (bits/dim for patch latents, nats/dim
-for an FAE's) and NTP loss; ``sample_grid`` draws text → image for the grid prompts (at ``sample.image_temperature``). ``starflow2 sample``
-and ``starflow2 eval bpd`` reach these runs through the family's hooks (``train.tasks.starflow2_eval``).
+for an FAE's) and NTP loss; ``sample_grid`` draws text → image for the grid prompts (at
+``sample.image_temperature``). ``starflow2 sample`` and ``starflow2 eval bpd`` reach these runs through
+the family's hooks (``train.tasks.starflow2_eval``).
 
 This module also defines the 'starflow2' family (``FAMILY``): the ``model.starflow2`` config section,
 its checks, resolution (a VLM checkpoint's config, an FAE workdir's config) and frozen parts.
