@@ -20,7 +20,7 @@ HELP = "STARFlow2 generation from a trained workdir: text→image, image→text,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = ("starflow2 generate --workdir DIR --mode t2i|i2t|interleaved|edit --out DIR [--prompt TEXT ...] "
                     "[--image FILE ...] [--num N] [--guidance W] [--jacobi BLOCK,THRESHOLD,MAX_ITERS] [--seed S] "
-                    "[--max-new-tokens T] [--temperature X]")
+                    "[--max-new-tokens T] [--temperature X] [--image-temperature T]")
     parser.add_argument("--workdir", required=True, metavar="DIR", help="a starflow2 training workdir")
     parser.add_argument("--mode", required=True, choices=("t2i", "i2t", "interleaved", "edit"))
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (absent or empty)")
@@ -34,7 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Jacobi iteration on the deep stream, e.g. 4,1e-3,32 (default: sequential)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="noise / sampling seed (default 0)")
     parser.add_argument("--max-new-tokens", type=int, default=32, metavar="T", help="text budget (default 32)")
-    parser.add_argument("--temperature", type=float, default=0.0, metavar="X", help="0: greedy (default)")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="X",
+                        help="text sampling temperature; 0: greedy (default)")
+    parser.add_argument("--image-temperature", type=float, default=None, metavar="T",
+                        help="image noise scale T > 0 (each image step's noise is T·ε; t2i, interleaved, edit; "
+                             "default: the run's sample.image_temperature)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                         help="use the EMA parameters when the run kept them (default: yes)")
     parser.add_argument("--allow-frozen-change", action="store_true",
@@ -52,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         summary = generate(args.workdir, args.out, mode=args.mode, prompts=args.prompt or [""], images=args.image,
                            num=args.num, guidance=args.guidance, jacobi=args.jacobi, seed=args.seed,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, ema=args.ema,
-                           allow_frozen_change=args.allow_frozen_change)
+                           allow_frozen_change=args.allow_frozen_change, image_temperature=args.image_temperature)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         return fail(NAME, error)
     print(json.dumps(summary), flush=True)

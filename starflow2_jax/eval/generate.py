@@ -3,9 +3,11 @@ HTML transcript in one output directory (written atomically: complete or absent)
 
 Modes (``pretzel.generate``; the caches are shared across segments, nothing is re-encoded):
 
-    t2i          text → image: ``num`` images per prompt (Gaussian guidance on the deep stream, Jacobi)
+    t2i          text → image: ``num`` images per prompt (Gaussian guidance on the deep stream, Jacobi, the
+                 image temperature: noise T·ε, by default the run's ``sample.image_temperature``)
     i2t          image → text: the input images (context), then the prompt; greedy or sampled text
-    interleaved  text and images after the prompt (and input images), one row, until a stop token
+    interleaved  text and images after the prompt (and input images), one row, until a stop token (images
+                 guided and at the image temperature like t2i)
     edit         the input images and the instruction as context → a new image (guided like t2i)
 
 Output directory: ``transcript.html`` (the prompt and the outputs in order, images inline),
@@ -85,9 +87,10 @@ def _jacobi(jacobi: str | None):
 def generate(workdir: str, out_dir: str, *, mode: str, prompts: Sequence[str] = ("",), images: Sequence[str] = (),
              num: int = 1, guidance: float = 0.0, jacobi: str | None = None, seed: int = 0,
              max_new_tokens: int = 32, temperature: float = 0.0, length: int = 0, ema: bool = True,
-             allow_frozen_change: bool = False) -> dict:
+             allow_frozen_change: bool = False, image_temperature: float | None = None) -> dict:
     """Runs ``mode`` on a trained starflow2 ``workdir`` and writes ``out_dir`` (see the module docstring);
-    returns the summary. Raises ValueError /
+    returns the summary. temperature: the text's (0: greedy); image_temperature: T > 0 of the images'
+    noise T·ε (t2i, interleaved, edit; None: the run's ``sample.image_temperature``). Raises ValueError /
     FileNotFoundError naming the bad value before anything is written (and ``out_dir`` stays absent on
     any error)."""
     if mode not in MODES:
@@ -97,6 +100,12 @@ def generate(workdir: str, out_dir: str, *, mode: str, prompts: Sequence[str] = 
                          f"{temperature} >= 0")
     if mode == "edit" and not images:
         raise ValueError("--mode edit needs at least one --image (the image to edit)")
+    if image_temperature is not None:
+        try:
+            image_temperature = pretzel.check_image_temperature(image_temperature)
+        except ValueError:
+            raise ValueError(f"--image-temperature {image_temperature!r}: expected a finite number > 0 (the images' "
+                             f"noise is T·ε; 1: the model's distribution)") from None
     atomic.check_output_directory(out_dir)
     from starflow2_jax.train import checkpoint as ckpt_lib
     from starflow2_jax.train.restore import latest_step_dir
@@ -117,6 +126,8 @@ def generate(workdir: str, out_dir: str, *, mode: str, prompts: Sequence[str] = 
     pixels = [load_image(p, shape) for p in images]
     docs = [_prompt_document(task, p, pixels) for p in prompts]  # every bad prompt found before generating
     jac = _jacobi(jacobi)
+    if image_temperature is None:
+        image_temperature = float(restored.config.sample.image_temperature)  # validated with the stored config
     rng = jax.random.key(seed)
     parts, texts, outputs, started = [], [], [], time.perf_counter()
     for i, (prompt, doc) in enumerate(zip(prompts, docs)):
@@ -126,11 +137,13 @@ def generate(workdir: str, out_dir: str, *, mode: str, prompts: Sequence[str] = 
             parts.append(("text", prompt, True))
         if mode in ("t2i", "edit"):
             out = pretzel.text_to_image(cfg, params, vlm_params, latent_vars, doc, rng=key, num_samples=num,
-                                        guidance=guidance, jacobi=jac, length=length or None)
+                                        guidance=guidance, jacobi=jac, length=length or None,
+                                        image_temperature=image_temperature)
             for j, image in enumerate(np.asarray(out["images"])):
                 outputs.append(_uint8(image))
                 parts.append(("image", outputs[-1], False, {"prompt": i, "sample": j, "seed": seed,
-                                                            "guidance": guidance}))
+                                                            "guidance": guidance,
+                                                            "image_temperature": image_temperature}))
         elif mode == "i2t":
             out = pretzel.image_to_text(cfg, params, vlm_params, latent_vars, doc, rng=key, num_samples=num,
                                         max_new_tokens=max_new_tokens, temperature=temperature,
@@ -142,7 +155,7 @@ def generate(workdir: str, out_dir: str, *, mode: str, prompts: Sequence[str] = 
             budget = length or len(doc["tokens"]) + max_new_tokens + 4 * (cfg.num_slots + 2)
             out = pretzel.interleaved(cfg, params, vlm_params, latent_vars, doc, rng=key, length=budget,
                                       max_new_tokens=max_new_tokens, guidance=guidance, jacobi=jac,
-                                      temperature=temperature)
+                                      temperature=temperature, image_temperature=image_temperature)
             seq, start, k = out["sequence"], len(doc["tokens"]), 0
             text: list[int] = []
             for t, is_slot in zip(seq["tokens"][start:].tolist(), seq["slot"][start:].tolist()):
@@ -153,7 +166,8 @@ def generate(workdir: str, out_dir: str, *, mode: str, prompts: Sequence[str] = 
                     text = []
                     outputs.append(_uint8(out["images"][k]))
                     parts.append(("image", outputs[-1], False, {"prompt": i, "image": k, "seed": seed,
-                                                                "guidance": guidance}))
+                                                                "guidance": guidance,
+                                                                "image_temperature": image_temperature}))
                     k += 1
                 elif not is_slot and t != cfg.vlm.vision_end_token_id:
                     text.append(t)
@@ -164,7 +178,8 @@ def generate(workdir: str, out_dir: str, *, mode: str, prompts: Sequence[str] = 
     files = [f"image_{k}.png" for k in range(len(outputs))]
     summary = dict(mode=mode, workdir=os.fspath(workdir), step=restored.step, prompts=list(prompts),
                    images=list(images), num=num, guidance=guidance, jacobi=jac, seed=seed,
-                   max_new_tokens=max_new_tokens, temperature=temperature, generated_images=len(outputs),
+                   max_new_tokens=max_new_tokens, temperature=temperature,
+                   image_temperature=image_temperature if mode != "i2t" else None, generated_images=len(outputs),
                    generated_texts=texts, files=files + ["text.txt", "transcript.html", "summary.json"],
                    seconds=round(seconds, 3))
     with atomic.output_directory(out_dir) as tmp:

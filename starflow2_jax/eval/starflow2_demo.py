@@ -5,17 +5,20 @@ EMA parameters when the run kept them) and scores what issue 11 asks, with the p
 
 1. text → image: per digit, ``--samples-per-digit`` images of the chat prompt "draw the digit seven"
    (``demo_text.DRAW_PROMPT``, laid out as the training documents up to the assistant turn:
-   ``eval.starflow2_prompts``) at the config's guidance (``max(sample.guidance)``): the model writes its
-   reply (``demo_text.drawing_text``, "seven, a handwritten seven", greedy) and opens the image, all rows of a digit in lockstep (``draw_reply``:
-   one prefill, text segment and image segment), judged by ``DigitsJudge`` (accuracy, variety, novelty); grids of
-   ``--grid-per-digit`` per digit at guidance 0 and at the config's guidance (the first of the judged ones);
+   ``eval.starflow2_prompts``) at the config's guidance (``max(sample.guidance)``) and image temperature
+   (``sample.image_temperature``: every image step's noise is T·ε, here and in sections 4 and 5): the
+   model writes its reply (``demo_text.drawing_text``, "seven, a handwritten seven", greedy) and opens the
+   image, all rows of a digit in lockstep (``draw_reply``: one prefill, text segment and image segment),
+   judged by ``DigitsJudge`` (accuracy, variety, novelty); grids of ``--grid-per-digit`` per digit at
+   guidance 0 and at the config's guidance (the first of the judged ones);
 2. exact likelihood: bits/dim of the 297 held-out digits (``eval.bpd.evaluate_bpd`` with the family's
    scorer: each image after its first caption in a plain document, 16 levels, uniform dequantisation —
    the flow-only demo's definition);
 3. understanding: ``QUESTION`` about each of the first ``--held-out`` held-out digits, greedy
    ``pretzel.image_to_text``, the answer word parsed; accuracy and a confusion table;
 4. interleaved: each of ``INTERLEAVED_PROMPTS``, ``--seeds`` seeds, ``pretzel.interleaved`` at the config's
-   guidance: the share of documents with the right structure and the judge's accuracy on their images;
+   guidance and image temperature: the share of documents with the right structure and the judge's
+   accuracy on their images;
 5. editing: a held-out digit d and ``NEXT_DIGIT_PROMPT``; the model writes the assistant turn (at most one
    image, ``pretzel.interleaved``), the image judged against the digit the training documents draw after
    d, for the first ``--edit`` held-out digits;
@@ -61,7 +64,8 @@ DIGITS_SHAPE = (8, 8, 1)
 class Run(NamedTuple):
     """The restored final stage: ``restored`` (``train.restore.Restored``), ``config`` (its PretzelConfig),
     ``params`` / ``vlm`` / ``latent`` (the generation API's arguments), ``encode`` / ``decode`` (its
-    tokenizer), ``guidance`` (max of ``sample.guidance``), ``jacobi`` (``sample.jacobi`` or None)."""
+    tokenizer), ``guidance`` (max of ``sample.guidance``), ``jacobi`` (``sample.jacobi`` or None),
+    ``image_temperature`` (``sample.image_temperature``: the images' noise is T·ε)."""
 
     restored: Any
     config: Any
@@ -72,6 +76,7 @@ class Run(NamedTuple):
     decode: Any
     guidance: float
     jacobi: Any
+    image_temperature: float = 1.0
 
 
 # ---- input checks and restoring -----------------------------------------------------------------
@@ -122,7 +127,8 @@ def load_run(stage: str) -> Run:
     weights = [float(w) for w in restored.config.sample.guidance]
     return Run(restored=restored, config=task.config, params=restored.params, vlm=restored.extra["vlm"],
                latent=restored.extra.get("latent", {}), encode=task.encode, decode=decode,
-               guidance=max(weights) if weights else 0.0, jacobi=task.jacobi)
+               guidance=max(weights) if weights else 0.0, jacobi=task.jacobi,
+               image_temperature=float(restored.config.sample.image_temperature))
 
 
 def held_out_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -167,9 +173,9 @@ def _seconds_per_call(times: Sequence[float]) -> float | None:
 def draw_reply(run: Run, prompt: dict, *, rows: int, guidance: float, rng, length: int) -> tuple[str, bool, Any]:
     """The assistant's reply to a draw prompt cut at its turn, ``rows`` images in lockstep (the segment API):
     greedy text (the same in every row) until ``<|vision_start|>`` (at most ``SEGMENT_TOKENS``), then one
-    image segment — after a ``<|vision_start|>`` fed in when the reply did not open the image itself (as
-    ``pretzel.text_to_image`` appends it). Returns ``(the text the model wrote, whether it opened the image,
-    images (rows, 8, 8, 1) float32)``."""
+    image segment at ``run.image_temperature`` (noise T·ε) — after a ``<|vision_start|>`` fed in when the
+    reply did not open the image itself (as ``pretzel.text_to_image`` appends it). Returns ``(the text the
+    model wrote, whether it opened the image, images (rows, 8, 8, 1) float32)``."""
     import jax
 
     from starflow2_jax import pretzel
@@ -186,7 +192,7 @@ def draw_reply(run: Run, prompt: dict, *, rows: int, guidance: float, rng, lengt
         written = written[:-1]
     else:
         state = pretzel.feed_token(cfg, run.params, run.vlm, state, cfg.vlm.vision_start_token_id)
-    eps = jax.random.normal(noise_rng, (rows, cfg.num_slots, cfg.latent_dim), np.float32)
+    eps = run.image_temperature * jax.random.normal(noise_rng, (rows, cfg.num_slots, cfg.latent_dim), np.float32)
     state, u, _ = pretzel.image_segment(cfg, run.params, run.vlm, state, eps, guidance, jacobi=run.jacobi)
     images = cfg.latent.decode(run.latent, pretzel.invert_shallow(cfg, run.params, u))
     return run.decode(written), opened, np.asarray(images, np.float32)
@@ -216,7 +222,8 @@ def text_to_image(run: Run, judge, out: str, *, samples: int, grid: int, seed: i
     labels = np.repeat(np.arange(10), samples)
     result = judge.judge(drawn.reshape((-1,) + DIGITS_SHAPE), labels)
     atomic.write_npz(os.path.join(out, "t2i_samples.npz"),
-                     dict(samples=drawn.reshape((-1,) + DIGITS_SHAPE), labels=labels, guidance=run.guidance))
+                     dict(samples=drawn.reshape((-1,) + DIGITS_SHAPE), labels=labels, guidance=run.guidance,
+                          image_temperature=run.image_temperature))
     grids = []
     for weight, images in ((0.0, plain), (run.guidance, drawn[:, :grid])):
         name = f"t2i_grid_g{weight:g}.png"
@@ -228,8 +235,8 @@ def text_to_image(run: Run, judge, out: str, *, samples: int, grid: int, seed: i
                           accuracy=judged["accuracy"]))
     named = [sp.parse_answer(w) == d for d, w in enumerate(words)]
     return dict(prompt=dt.DRAW_PROMPT, prompt_text=run.decode(prompts[7]["tokens"].tolist()), guidance=run.guidance,
-                samples_per_digit=samples, judge=result, replies=words, reply_names_digit=float(np.mean(named)),
-                reply_opens_image=float(np.mean(opened)),
+                image_temperature=run.image_temperature, samples_per_digit=samples, judge=result, replies=words,
+                reply_names_digit=float(np.mean(named)), reply_opens_image=float(np.mean(opened)),
                 accuracy=result["accuracy"], variety=result["variety"]["mean_ratio"],
                 novelty=result["novelty"]["mean_ratio"], grids=grids, npz=f"{SCORING_SUBDIR}/t2i_samples.npz")
 
@@ -301,7 +308,8 @@ def interleaved(run: Run, judge, out: str, *, seeds: int, seed: int, temperature
             res = pretzel.interleaved(cfg, run.params, run.vlm, run.latent, prompt, rng=_fold(_fold(rng, k), s),
                                       length=cfg.seq_len, max_new_tokens=INTERLEAVED_TOKENS,
                                       max_images=dt.MAX_INTERLEAVED_IMAGES, guidance=run.guidance, jacobi=run.jacobi,
-                                      temperature=temperature, segment_tokens=SEGMENT_TOKENS)
+                                      temperature=temperature, segment_tokens=SEGMENT_TOKENS,
+                                      image_temperature=run.image_temperature)
             seq = res["sequence"]
             parsed = sp.parse_interleaved(seq["tokens"][len(prompt["tokens"]):], decode=run.decode,
                                           vision_start=v.vision_start_token_id, vision_end=v.vision_end_token_id,
@@ -320,7 +328,8 @@ def interleaved(run: Run, judge, out: str, *, seeds: int, seed: int, temperature
             documents.append(dict(seed=s, ok=parsed["ok"], reason=parsed["reason"], words=parsed["words"],
                                   correct=verdicts))
             if s == 0:
-                meta = [dict(seed=s, guidance=run.guidance, image=i) for i in range(len(drawn))]
+                meta = [dict(seed=s, guidance=run.guidance, image_temperature=run.image_temperature, image=i)
+                        for i in range(len(drawn))]
                 parts = transcript.from_sequence(seq["tokens"], vision_start=v.vision_start_token_id,
                                                  vision_end=v.vision_end_token_id, image_token=v.image_token_id,
                                                  decode=run.decode, images=drawn, prompt_length=len(prompt["tokens"]),
@@ -344,6 +353,7 @@ def interleaved(run: Run, judge, out: str, *, seeds: int, seed: int, temperature
                           labels=np.asarray(image_labels, np.int64), document=np.asarray(image_doc, np.int64)
                           .reshape(-1, 2)))
     metrics = dict(prompts=per_prompt, temperature=temperature, guidance=run.guidance,
+                   image_temperature=run.image_temperature,
                    structure=len(right) / sum(len(p["documents"]) for p in per_prompt),
                    image_accuracy=float(np.mean(judged)) if judged else None,
                    image_accuracy_all=float(np.mean(any_judged)) if any_judged else None,
@@ -372,7 +382,7 @@ def next_digit(run: Run, judge, pixels: np.ndarray, labels: np.ndarray, out: str
         # the interleaved documents' cache length and segment size: their compiled functions serve here too
         res = pretzel.interleaved(cfg, run.params, run.vlm, run.latent, prompt, rng=_fold(rng, i), length=cfg.seq_len,
                                   max_new_tokens=SEGMENT_TOKENS, max_images=1, guidance=run.guidance, jacobi=run.jacobi,
-                                  segment_tokens=SEGMENT_TOKENS)
+                                  segment_tokens=SEGMENT_TOKENS, image_temperature=run.image_temperature)
         times.append(time.perf_counter() - started)
         if res["images"]:
             drawn[i] = np.asarray(res["images"][0], np.float32)
@@ -398,7 +408,8 @@ def next_digit(run: Run, judge, pixels: np.ndarray, labels: np.ndarray, out: str
                 images_drawn=int(has_image.sum()),
                 word_accuracy=float(np.mean([w == t for w, t in zip(words, targets)])) if spoken else None,
                 image_matches_word=float(np.mean([w == p for w, p in named])) if named else None,
-                guidance=run.guidance, seconds_per_image=_seconds_per_call(times),
+                guidance=run.guidance, image_temperature=run.image_temperature,
+                seconds_per_image=_seconds_per_call(times),
                 png=f"{SCORING_SUBDIR}/next_digit.png", npz=f"{SCORING_SUBDIR}/next_digit.npz")
 
 
@@ -450,7 +461,8 @@ def summary_lines(metrics: dict) -> list[str]:
     t2i, inter, times = metrics["text_to_image"], metrics["interleaved"], metrics["timings"]
     total = "–" if times["demo_seconds"] is None else f"{times['demo_seconds']:.0f} s"
     return [
-        f"text → image accuracy   {pct(t2i['accuracy']):>7}  (guidance {t2i['guidance']:g}; target >= "
+        f"text → image accuracy   {pct(t2i['accuracy']):>7}  (guidance {t2i['guidance']:g}, image temperature "
+        f"{t2i['image_temperature']:g}; target >= "
         f"{100 * t['t2i_accuracy']:.0f}%: {mark(c['t2i_accuracy'])})",
         f"text → image variety    {t2i['variety']:7.2f}  (target {t['variety'][0]}-{t['variety'][1]}: "
         f"{mark(c['variety'])}); novelty {t2i['novelty']:.2f}; replies naming the digit {pct(t2i['reply_names_digit'])}",
@@ -517,7 +529,8 @@ def score(workdir: str, *, timings: dict[str, float] | None = None, samples_per_
     os.makedirs(out, exist_ok=True)
     metrics: dict[str, Any] = dict(kind="starflow2-digits-demo-metrics", workdir=os.fspath(workdir),
                                    run=dict(workdir=stage, step=int(run.restored.step), ema=run.restored.used_ema,
-                                            guidance=run.guidance, jacobi=run.jacobi),
+                                            guidance=run.guidance, jacobi=run.jacobi,
+                                            image_temperature=run.image_temperature),
                                    settings=dict(counts, seed=seed, temperature=temperature))
     metrics["text_to_image"] = timed("text_to_image", text_to_image, run, judge, out, samples=samples_per_digit,
                                      grid=grid_per_digit, seed=seed)

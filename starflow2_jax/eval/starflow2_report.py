@@ -31,7 +31,8 @@ def _headline(m: Mapping[str, Any]) -> str:
     t2i, inter, times = m["text_to_image"], m["interleaved"], m["timings"]
     total = times.get("demo_seconds")
     rows = [
-        (f"Text → image: drawn digits recognised as asked (guidance {t2i['guidance']:g})", pct(t2i["accuracy"]),
+        (f"Text → image: drawn digits recognised as asked (guidance {t2i['guidance']:g}, image temperature "
+         f"{t2i['image_temperature']:g})", pct(t2i["accuracy"]),
          f"≥ {pct(t['t2i_accuracy'])}", verdict(c["t2i_accuracy"])),
         ("Text → image: within-class variety vs real digits (1 = as varied)", num(t2i["variety"], 2),
          f"{t['variety'][0]} – {t['variety'][1]}", verdict(c["variety"])),
@@ -74,7 +75,9 @@ def _text_to_image(workdir: str, m: Mapping[str, Any]) -> str:
             f"{esc(', '.join(repr(w) for w in s['replies']))} ({pct(s['reply_names_digit'])} name the digit asked "
             f"for; {pct(s['reply_opens_image'])} open the image themselves, the others get "
             f"<code>&lt;|vision_start|&gt;</code> fed in).</p><p>"
-            f"{s['samples_per_digit']} samples per digit at guidance {s['guidance']:g} were judged by a classifier "
+            f"{s['samples_per_digit']} samples per digit at guidance {s['guidance']:g} and image temperature "
+            f"{s['image_temperature']:g} (each image step's noise is T·ε, ε ~ N(0, I); every image of the report "
+            f"is drawn at it) were judged by a classifier "
             f"trained on the real training digits ({pct(m['classifier_test_accuracy'])} on the real held-out ones): "
             f"accuracy {pct(s['accuracy'])}, variety {num(s['variety'], 2)} (mean pairwise distance within a class "
             f"over the real digits'), novelty {num(s['novelty'], 2)} (distance to the nearest training digit over "
@@ -120,8 +123,9 @@ def _interleaved(m: Mapping[str, Any], transcripts: Sequence[Mapping[str, Any]])
                     f"{transcript.render_parts(t['parts'])}</div>" for t in transcripts)
     return (f"<h2 id=\"interleaved\">4. Interleaved text and images</h2><p>Each prompt with "
             f"{s['prompts'][0]['seeds'] if s['prompts'] else 0} seeds at guidance {s['guidance']:g} (text "
-            f"temperature {s['temperature']:g}); each drawn image is read back by the model from the caches, "
-            f"never re-encoded. Right structure: the expected number words in order, each followed by exactly one "
+            f"temperature {s['temperature']:g}, image temperature {s['image_temperature']:g}); each drawn image is "
+            f"read back by the model from the caches, never re-encoded. Right structure: the expected number words "
+            f"in order, each followed by exactly one "
             f"image, then the end of turn. {pct(s['structure'])} of the documents have it; "
             f"{pct(s['image_accuracy'])} of their images are recognised as their number "
             f"({pct(s['image_accuracy_all'])} of all {s['images']} images after a digit word).</p>"
@@ -135,7 +139,8 @@ def _next_digit(workdir: str, m: Mapping[str, Any]) -> str:
          f"{pct(n['image_matches_word'])} of the images that follow a digit word are recognised as that word's "
          f"digit.")
     return (f"<h2 id=\"next-digit\">5. Editing: the next digit</h2><p>A held-out real digit d as context and "
-            f"“{esc(n['prompt'])}”; the model writes the assistant turn (images at guidance {n['guidance']:g}) and "
+            f"“{esc(n['prompt'])}”; the model writes the assistant turn (images at guidance {n['guidance']:g}, "
+            f"image temperature {n['image_temperature']:g}) and "
             f"drew an image in {n['images_drawn']} of {n['num_images']} cases; {pct(n['accuracy'])} of all are "
             f"recognised as (d + 1) mod 10 (no image counts as wrong).{words}</p>"
             f"<figure>{image_tag(workdir, n['png'], 'next digit')}"

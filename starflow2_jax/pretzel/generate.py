@@ -6,7 +6,8 @@ loops (the host switches once per segment):
 
 - a text segment samples tokens from LMHead(y_vlm + W_D·y_D) until a stop token, ``<|vision_start|>``
   (interleaved mode) or its budget, feeding each token into both caches;
-- an image segment draws u_n = μ + σ·ε_n from the deep head (Gaussian guidance with a batch-doubled
+- an image segment draws u_n = μ + σ·ε_n from the deep head (ε ~ N(0, T²·I): T the image temperature
+  of ``text_to_image`` / ``interleaved``, 1 by default; Gaussian guidance with a batch-doubled
   cache whose unconditional half has its text masked out of attention), feeds u_n at slot n into both
   streams (VLM: E[<|image_pad|>] + Adapter(u_n); flow: P_in(u_n + W_vlm·y_vlm)), optionally in Jacobi
   blocks, then ``<|vision_end|>``; the image's latents are x = f_S⁻¹(u) (the shallow flows, through
@@ -271,7 +272,9 @@ def image_segment(config: PretzelConfig, params, vlm_params, state: State, eps, 
     """One image after a ``<|vision_start|>`` already in the caches (the prompt's last token, or
     ``feed_token``): N image steps u_n = μ + σ·ε_n from the deep head (Gaussian guidance of weight
     ``guidance`` on a guided state), each u_n fed at its slot into both streams, then
-    ``<|vision_end|>``. eps (B, N, D): the noise; jacobi: None (sequential) or ``flow.JacobiOptions`` /
+    ``<|vision_end|>``. eps (B, N, D): the noise, used as given (a caller sampling at an image
+    temperature T passes T·ε, as ``text_to_image`` / ``interleaved`` do); jacobi: None (sequential) or
+    ``flow.JacobiOptions`` /
     dict(block_size dividing N, threshold, max_iters). Jitted per (config, shapes, Jacobi block and
     iteration cap); callable inside a jit. Returns ``(state after <|vision_end|>, u (B, N, D) (the
     shallow-flow outputs: ``invert_shallow`` gives the latents), deep-stream passes used ())``."""
@@ -362,6 +365,20 @@ def _jacobi(jacobi, n: int):
     return int(block), int(max_iters), float(threshold)
 
 
+def check_image_temperature(value) -> float:
+    """T of the image noise ε ~ N(0, T²·I) as a float; ValueError unless a finite real number > 0.
+
+    T = 0 is refused: it is the mode path u_n = μ_n, one and the same image in every row of a prompt (the
+    ``num_samples`` rows and guidance's twin rows carry no noise at all), and not even the mode of the
+    image's density (the steps' σ and the shallow flows' Jacobian are left out); a small T > 0 comes as
+    close to the mode as wanted and stays a sample."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) or \
+            not np.isfinite(value) or value <= 0:
+        raise ValueError(f"image_temperature={value!r}: expected a finite number > 0 (the image noise is "
+                         f"ε ~ N(0, T²·I); 1: the model's distribution)")
+    return float(value)
+
+
 def _append_vision_start(config: PretzelConfig, prompt: dict) -> dict:
     p = dict(prompt)
     nxt = int(prompt["positions"].max()) + 1 if len(prompt["tokens"]) else 0
@@ -374,11 +391,13 @@ def _append_vision_start(config: PretzelConfig, prompt: dict) -> dict:
 
 def text_to_image(config: PretzelConfig, params, vlm_params, latent_vars, prompt: dict, *, rng, num_samples: int = 1,
                   guidance: float = 0.0, jacobi=None, denoise: bool = False, decode: bool = True,
-                  length: int | None = None) -> dict:
+                  length: int | None = None, image_temperature: float = 1.0) -> dict:
     """Images for one prompt document (``layout.layout_document``; ``<|vision_start|>`` is appended).
 
     guidance: STARFlow's Gaussian guidance weight on the deep stream (0: off; else a doubled batch whose
-    unconditional half has the prompt's text masked out). jacobi: None (sequential) or
+    unconditional half has the prompt's text masked out). image_temperature: T > 0, every image step's
+    noise is T·ε with ε ~ N(0, I) drawn from ``rng`` (Glow's temperature; 1: the model's distribution, < 1:
+    closer to the mode, less varied). jacobi: None (sequential) or
     ``flow.JacobiOptions`` / dict(block_size dividing N, threshold, max_iters). denoise: one score step
     with σ = ``config.latent_noise``. Returns ``dict(u (B, N, D), latents (B, N, D), images (B, H, W, C)
     or None, passes (deep-stream passes), state (the final ``State``), sequence (the final document))``.
@@ -388,9 +407,10 @@ def text_to_image(config: PretzelConfig, params, vlm_params, latent_vars, prompt
     length = length or len(prompt["tokens"]) + n + 1
     _check_prompt(config, prompt, n + 1, length)
     _jacobi(jacobi, n)  # bad options fail before any work
+    temperature = check_image_temperature(image_temperature)
     state = prefill(config, params, vlm_params, latent_vars, prompt, length=length, num_samples=num_samples,
                     guided=guidance != 0)
-    eps = jax.random.normal(rng, (num_samples, n, config.latent_dim), jnp.float32)
+    eps = temperature * jax.random.normal(rng, (num_samples, n, config.latent_dim), jnp.float32)
     state, u, passes = image_segment(config, params, vlm_params, state, eps, guidance, jacobi=jacobi)
     x = invert_shallow(config, params, u)
     sequence = _record(prompt)
@@ -491,19 +511,21 @@ def image_to_text(config: PretzelConfig, params, vlm_params, latent_vars, prompt
 def interleaved(config: PretzelConfig, params, vlm_params, latent_vars, prompt: dict, *, rng, length: int,
                 max_new_tokens: int = 64, max_images: int = 4, guidance: float = 0.0, jacobi=None,
                 temperature: float = 0.0, top_p: float = 1.0, stop_tokens=None, decode: bool = True,
-                segment_tokens: int = 32, logit_bias=None) -> dict:
+                segment_tokens: int = 32, logit_bias=None, image_temperature: float = 1.0) -> dict:
     """One row of interleaved text and images after a prompt document.
 
     Text segments sample up to ``segment_tokens`` tokens (compiled once) until a stop token or
     ``<|vision_start|>``; then an image segment runs N guided image steps (``guidance``, ``jacobi`` as
     for ``text_to_image``) and ``<|vision_end|>``; then text again, until a stop token, ``max_new_tokens``
-    text tokens, ``max_images`` images or the caches' ``length``. logit_bias: (vocab,) added to every text
-    logit (e.g. to make images more or less likely). Returns ``dict(sequence (the final
-    document: tokens, positions, slot, u), latents [(N, D) per image], images [(H, W, C)] or None,
-    state)``."""
+    text tokens, ``max_images`` images or the caches' ``length``. temperature / top_p: the text's;
+    image_temperature: the images' (T > 0: each image step's noise is T·ε, as for ``text_to_image``).
+    logit_bias: (vocab,) added to every text logit (e.g. to make images more or less likely). Returns
+    ``dict(sequence (the final document: tokens, positions, slot, u), latents [(N, D) per image], images
+    [(H, W, C)] or None, state)``."""
     n = config.num_slots
     _check_prompt(config, prompt, 1, length)
     _jacobi(jacobi, n)  # bad options fail before any work
+    image_temperature = check_image_temperature(image_temperature)
     state = prefill(config, params, vlm_params, latent_vars, prompt, length=length, guided=guidance != 0)
     stops, _ = _stops(config, stop_tokens)
     sequence = _record(prompt)
@@ -531,7 +553,8 @@ def interleaved(config: PretzelConfig, params, vlm_params, latent_vars, prompt: 
             if new and new[-1] in np.asarray(stops).tolist():
                 break
             continue
-        eps = jax.random.normal(jax.random.fold_in(rng, 10_000 + key), (1, n, config.latent_dim), jnp.float32)
+        eps = image_temperature * jax.random.normal(jax.random.fold_in(rng, 10_000 + key), (1, n, config.latent_dim),
+                                                    jnp.float32)
         slot_start = int(state.position)
         state, u, _ = image_segment(config, params, vlm_params, state, eps, guidance, jacobi=jacobi)
         _append_image(config, sequence, np.asarray(u[0]), slot_start)

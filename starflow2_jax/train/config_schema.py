@@ -106,6 +106,10 @@ for reference; their definitions live in ``train.tasks.flow`` / ``train.tasks.fa
     sample.per_class          samples per class (label) / per prompt (caption) / rows (none)
     sample.prompts            captions for the grid (caption conditioning; empty: one per digit)
     sample.jacobi.*           block_size (0 = sequential sampling), threshold, max_iters
+    sample.image_temperature  T > 0: images are drawn with noise ε ~ N(0, T²·I) (Glow's temperature; 1: the
+                              model's distribution, < 1: nearer its mode, less varied). model.family
+                              'starflow2' only (its sample grids, ``starflow2 generate``'s default, the digits
+                              demo's scoring); every other family needs 1.0
     frozen.<part>             filled by the trainer: each frozen part's resolved source and fingerprint
                               (train.frozen.load_parts); compared at resume
 """
@@ -127,6 +131,7 @@ from starflow2_jax.train.tasks.fae import STAGES as FAE_STAGES  # noqa: F401  (c
 BUILDERS = ("digits", "photos", "directory", "interleaved", "image_text", "digits_documents")
 DOCUMENT_BUILDERS = ("interleaved", "image_text", "digits_documents")  # read by model.family='starflow2' only
 NOISE = ("none", "uniform", "gaussian")
+TEMPERATURE_FAMILIES = ("starflow2",)  # the families whose samplers read sample.image_temperature
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -149,7 +154,7 @@ def base_config() -> ml_collections.ConfigDict:
         frozen_copy=False, async_checkpoint=True, compilation_cache_dir=""))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sample = ml_collections.ConfigDict(dict(
-        guidance=[0.0], per_class=4, prompts=(),
+        guidance=[0.0], per_class=4, prompts=(), image_temperature=1.0,
         jacobi=ml_collections.ConfigDict(dict(block_size=0, threshold=1e-3, max_iters=32))))
     c.frozen = ml_collections.ConfigDict()
     for family in families.all_families():
@@ -252,6 +257,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _int(config, "sample.jacobi.block_size", 0)
     _float(config, "sample.jacobi.threshold", 0.0)
     _int(config, "sample.jacobi.max_iters", 1)
+    temperature = _float(config, "sample.image_temperature")
+    if temperature <= 0:
+        raise ValueError(f"sample.image_temperature={temperature!r}: expected a number > 0 (the image noise is "
+                         f"ε ~ N(0, T²·I); 1: the model's distribution)")
+    if temperature != 1.0 and family not in TEMPERATURE_FAMILIES:
+        raise ValueError(f"sample.image_temperature={temperature!r}: only model.family in {TEMPERATURE_FAMILIES} "
+                         f"samples at an image temperature (model.family is {family!r}, whose sampler draws "
+                         f"ε ~ N(0, I)); expected 1.0")
     return config
 
 

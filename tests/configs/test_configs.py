@@ -65,6 +65,7 @@ def test_every_preset_loads_validates_and_builds_its_task(name, preset):
         expected |= {"adapter"} if stage in ("stage2", "stage3") else set()
         expected |= {"vlm_to_flow", "flow_to_lm"} if stage == "stage3" else set()
         assert any(k.startswith("shallow_") for k in params) and set(params) == expected
+        assert task.image_temperature == config.sample.image_temperature  # what its sample grids draw at
 
 
 def _num_params(config) -> int:
@@ -114,6 +115,27 @@ def test_demo_config_is_the_measured_recipe():
     assert caption.model.conditioning == "caption" and "num_classes" not in caption.model.flow.kwargs
     assert load_config("configs/demo.py:label").to_dict() == c.to_dict()
     assert load_config("configs/demo.py:runlocal").train.steps < 10
+
+
+def test_image_temperature_of_the_presets():
+    """The STARFlow2 digits demo draws at 0.6 (the measured setting, configs/starflow2.py's docstring),
+    runlocal included; tiny and 7b at 1.0; a family other than starflow2 refuses anything but 1.0 at
+    validation (before a task exists), naming the field."""
+    for stage in ("stage1", "stage2", "stage3"):
+        assert load_config(f"configs/starflow2.py:demo,{stage}").sample.image_temperature == 0.6
+        assert load_config(f"configs/starflow2.py:tiny,{stage}").sample.image_temperature == 1.0
+        assert load_config(f"configs/starflow2.py:7b,{stage}").sample.image_temperature == 1.0
+    assert load_config("configs/starflow2.py:demo,stage3,runlocal").sample.image_temperature == 0.6
+    for spec in ("configs/demo.py", "configs/fae.py", "configs/lm.py"):
+        config = load_config(spec, ["sample.image_temperature=0.5"])
+        with pytest.raises(ValueError, match=rf"sample\.image_temperature=0\.5: only model\.family in "
+                                             rf"\('starflow2',\).*\(model\.family is '{config.model.family}'"):
+            validate(config)
+    for bad in ("0", "-0.5"):  # on a starflow2 config: the range itself
+        with pytest.raises(ValueError, match=rf"sample\.image_temperature={float(bad)}: expected a number > 0"):
+            validate(load_config("configs/starflow2.py:tiny,stage1", [f"sample.image_temperature={bad}"]))
+    with pytest.raises(ConfigError, match=r"sample\.image_temperature='warm': expected a float"):
+        load_config("configs/starflow2.py:demo,stage3", ["sample.image_temperature=warm"])
 
 
 def test_unknown_preset_and_missing_file_are_named():

@@ -27,16 +27,17 @@ from starflow2_jax.eval import starflow2_prompts as sp
 pytestmark = pytest.mark.slow
 SMALL = ["--samples-per-digit", "3", "--grid-per-digit", "2", "--seeds", "2", "--held-out", "12", "--edit", "12"]
 SECTION_KEYS = {
-    "text_to_image": {"prompt", "prompt_text", "guidance", "samples_per_digit", "judge", "accuracy", "variety",
-                      "novelty", "grids", "npz", "replies", "reply_names_digit", "reply_opens_image"},
+    "text_to_image": {"prompt", "prompt_text", "guidance", "image_temperature", "samples_per_digit", "judge",
+                      "accuracy", "variety", "novelty", "grids", "npz", "replies", "reply_names_digit",
+                      "reply_opens_image"},
     "bits_per_dim": {"value", "std_error", "num_images", "split", "levels", "dequantisation", "passes",
                      "text_nll_per_token", "context"},
     "understanding": {"question", "num_images", "accuracy", "unparsed", "confusion", "wrong_examples",
                       "seconds_per_question", "npz"},
-    "interleaved": {"prompts", "temperature", "guidance", "structure", "image_accuracy", "image_accuracy_all", "images",
-                    "transcripts", "npz"},
+    "interleaved": {"prompts", "temperature", "guidance", "image_temperature", "structure", "image_accuracy",
+                    "image_accuracy_all", "images", "transcripts", "npz"},
     "next_digit": {"prompt", "num_images", "accuracy", "per_class_accuracy", "images_drawn", "word_accuracy",
-                   "image_matches_word", "guidance", "seconds_per_image", "png", "npz"},
+                   "image_matches_word", "guidance", "image_temperature", "seconds_per_image", "png", "npz"},
     "cache_check": {"max_abs_difference", "prompt", "seed", "positions", "images", "guided"},
     "timings": {"stages", "scoring", "scoring_seconds", "demo_seconds"},
 }
@@ -91,6 +92,23 @@ def test_scoring_writes_every_section_and_finite_numbers(scored):
     # one printed line per target, each with its verdict
     lines = printed.strip().splitlines()
     assert len(lines) == len(sd.TARGETS) and all(re.search(r"\b(met|MISSED|n/a)\)", line) for line in lines), lines
+    assert "(guidance 0, image temperature 0.6; target >= 97%" in lines[0]
+
+
+def test_the_images_are_drawn_at_the_runs_image_temperature(scored):
+    """The run's stored ``sample.image_temperature`` (the demo preset's 0.6, read here from the stage's
+    config.json) is what the scoring draws at: recorded beside the guidance in the run, text → image,
+    interleaved and next-digit sections, the samples file and the report."""
+    workdir, _, _ = scored
+    stored = json.loads((workdir / "stage3" / "config.json").read_text())["sample"]["image_temperature"]
+    assert stored == 0.6
+    metrics = json.loads((workdir / "demo_metrics.json").read_text())
+    for section in ("run", "text_to_image", "interleaved", "next_digit"):
+        assert metrics[section]["image_temperature"] == stored and "guidance" in metrics[section], section
+    with np.load(workdir / "scoring" / "t2i_samples.npz") as npz:
+        assert float(npz["image_temperature"]) == stored
+    page = (workdir / "report.html").read_text()
+    assert "(guidance 0, image temperature 0.6)" in page and page.count("image temperature 0.6") >= 4
 
 
 def test_the_outputs_agree_with_the_saved_samples(scored):

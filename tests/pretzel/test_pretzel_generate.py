@@ -3,10 +3,12 @@
 Oracles: one teacher-forced pass (``step`` over the whole final sequence, from empty caches) for the
 caches and for greedy text; the model's forward likelihood pass for guidance 0 (it must map the
 generated image back to the drawn noise); STARFlow's product-of-Gaussians formula written out here
-for guidance; sequential sampling for Jacobi at threshold 0.
+for guidance; sequential sampling for Jacobi at threshold 0; the noise recovered from the teacher-forced
+heads, (u − μ)/σ, for the image temperature (T·ε).
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -109,6 +111,81 @@ def test_guidance_follows_the_starflow_gaussian_formula():
     np.testing.assert_allclose(res["u"][0], mu + sigma * eps, atol=1e-4, rtol=0)
     plain = gen.text_to_image(cfg, params, vlm_params(), {}, prompt, rng=rng, num_samples=1)
     assert float(jnp.max(jnp.abs(plain["u"] - res["u"]))) > 1e-3
+
+
+def _drawn_noise(cfg, params, seq, w):
+    """ε = (u − μ)/σ at every slot of a final document (row 0 of its generation), μ and σ from the
+    teacher-forced deep heads at the position before each slot: the conditional pass alone (w = 0), or
+    with the pass whose text is masked out, combined by STARFlow's Gaussian guidance formula written out
+    here. Returns (slots, D) float64."""
+    t, d = len(seq["tokens"]), cfg.latent_dim
+    slots = np.flatnonzero(seq["slot"])
+    softplus = lambda a: np.log1p(np.exp(a + np.log(np.e - 1)))  # noqa: E731
+
+    def affine(key_mask=None):
+        head = np.asarray(_teacher_forced(cfg, params, seq, t, key_mask).head[0], np.float64)[slots - 1]
+        return softplus(head[:, :d]), head[:, d:]
+
+    sigma, mu = affine()
+    if w:
+        text = np.asarray(gen.text_positions(cfg, seq["tokens"][None], seq["slot"][None], np.ones((1, t), int)))
+        su, mu_u = affine(jnp.asarray(~text))
+        s = np.minimum(sigma / su, 1.0) ** 2
+        sigma, mu = sigma / np.sqrt(1 + w - w * s), ((1 + w) * mu - w * s * mu_u) / (1 + w - w * s)
+    return (np.asarray(seq["u"], np.float64)[slots] - mu) / sigma
+
+
+@pytest.mark.parametrize("guidance", [0.0, 1.5])
+def test_text_to_image_temperature_scales_the_drawn_noise(guidance):
+    """image_temperature T: the noise each row's image carries, recovered from the teacher-forced heads
+    over its final document, is T·ε with ε ~ N(0, I) the draw of ``rng`` (both sample rows; with guidance
+    the guided μ and σ)."""
+    cfg = tiny()
+    params = active_params()
+    prompt = _prompt(5)
+    rng, temperature = jax.random.key(9), 0.4
+    res = gen.text_to_image(cfg, params, vlm_params(), {}, prompt, rng=rng, num_samples=2, guidance=guidance,
+                            image_temperature=temperature, decode=False)
+    eps = np.asarray(jax.random.normal(rng, (2, cfg.num_slots, cfg.latent_dim), jnp.float32))
+    for row in range(2):
+        seq = dict(res["sequence"], u=res["sequence"]["u"].copy())
+        seq["u"][seq["slot"]] = np.asarray(res["u"][row])  # the document records row 0's image
+        np.testing.assert_allclose(_drawn_noise(cfg, params, seq, guidance), temperature * eps[row], atol=2e-3,
+                                   rtol=0)
+
+
+@pytest.mark.parametrize("guidance", [0.0, 1.5])
+def test_interleaved_temperature_scales_the_drawn_noise(guidance):
+    """Two images written by the model (a large bias on <|vision_start|> opens them at the same place at
+    any temperature, so both runs draw the same ε): each image's noise recovered from the teacher-forced
+    heads over the final document at T is T times the noise recovered at T = 1."""
+    cfg = tiny()
+    params = active_params()
+    bias = np.zeros(cfg.vlm.vocab_size, np.float32)
+    bias[cfg.vlm.vision_start_token_id] = 1e4
+    noise = {}
+    for temperature in (1.0, 0.5):
+        res = gen.interleaved(cfg, params, vlm_params(), {}, _prompt(6), rng=jax.random.key(2), length=48,
+                              max_new_tokens=8, max_images=2, guidance=guidance, logit_bias=bias, segment_tokens=4,
+                              decode=False, image_temperature=temperature)
+        seq = res["sequence"]
+        starts = np.flatnonzero(seq["tokens"] == cfg.vlm.vision_start_token_id)
+        p = len(_prompt(6)["tokens"])
+        assert starts.tolist() == [p, p + cfg.num_slots + 2] and len(res["latents"]) == 2
+        noise[temperature] = _drawn_noise(cfg, params, seq, guidance)
+    assert np.std(noise[1.0]) > 0.3  # a real draw
+    np.testing.assert_allclose(noise[0.5], 0.5 * noise[1.0], atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.5, float("nan"), float("inf"), "0.5", True, None])
+def test_bad_image_temperature_is_refused_before_any_work(bad):
+    """No parameters are passed (None): the check comes before anything reads them."""
+    cfg = tiny()
+    with pytest.raises(ValueError, match=rf"image_temperature={re.escape(repr(bad))}: expected a finite number > 0"):
+        gen.text_to_image(cfg, None, None, {}, _prompt(), rng=jax.random.key(0), image_temperature=bad)
+    with pytest.raises(ValueError, match=rf"image_temperature={re.escape(repr(bad))}: expected a finite number > 0"):
+        gen.interleaved(cfg, None, None, {}, _prompt(), rng=jax.random.key(0), length=32, image_temperature=bad)
+    assert gen.check_image_temperature(np.float32(0.25)) == 0.25 and gen.check_image_temperature(2) == 2.0
 
 
 def test_jacobi_threshold_zero_equals_sequential():

@@ -263,6 +263,55 @@ def test_generate_image_to_text_and_interleaved(chain, tmp_path, capsys):
     assert (tmp_path / "mix" / "transcript.html").exists()
 
 
+def test_generate_draws_at_the_image_temperature(chain, tmp_path, capsys, monkeypatch):
+    """t2i and interleaved draw at --image-temperature, by default at the run's sample.image_temperature
+    (the chain's run is given 0.7 here, as its stored config would hold it); the t2i images are those of
+    pretzel.text_to_image at that temperature, written out here, and not those at T = 1."""
+    from starflow2_jax.eval import generate as eval_generate
+    from starflow2_jax.train import restore as restore_lib
+
+    real_restore = restore_lib.restore_workdir
+
+    def restore_at_07(*args, **kwargs):
+        restored = real_restore(*args, **kwargs)
+        restored.config.sample.image_temperature = 0.7
+        return restored
+
+    seen = []
+
+    def recording(fn):
+        def call(*args, **kwargs):
+            seen.append((fn.__name__, kwargs["image_temperature"]))
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(restore_lib, "restore_workdir", restore_at_07)
+    monkeypatch.setattr(pretzel, "text_to_image", recording(pretzel.text_to_image))
+    monkeypatch.setattr(pretzel, "interleaved", recording(pretzel.interleaved))
+    t2i = ["generate", "--workdir", chain["stage3"], "--mode", "t2i", "--prompt", "a digit seven", "--num", "2",
+           "--seed", "3"]
+    assert main(t2i + ["--out", os.fspath(tmp_path / "default")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["image_temperature"] == 0.7
+    assert main(t2i + ["--image-temperature", "0.5", "--out", os.fspath(tmp_path / "half")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["image_temperature"] == 0.5
+    assert main(["generate", "--workdir", chain["stage3"], "--mode", "interleaved", "--prompt", "hi",
+                 "--max-new-tokens", "4", "--image-temperature", "0.25", "--out", os.fspath(tmp_path / "mix")]) == 0
+    assert seen == [("text_to_image", 0.7), ("text_to_image", 0.5), ("interleaved", 0.25)]
+    monkeypatch.undo()
+    restored = restore_workdir(chain["stage3"])
+    doc = eval_generate._prompt_document(restored.task, "a digit seven", [])
+
+    def oracle(temperature):
+        images = pretzel.text_to_image(restored.task.config, restored.params, restored.extra["vlm"], {}, doc,
+                                       rng=jax.random.fold_in(jax.random.key(3), 0), num_samples=2,
+                                       image_temperature=temperature)["images"]
+        return np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)[..., 0]
+
+    written = np.stack([np.asarray(Image.open(tmp_path / "half" / f"image_{k}.png")) for k in range(2)])
+    np.testing.assert_allclose(written, oracle(0.5), atol=1, rtol=0)
+    assert np.abs(written.astype(int) - oracle(1.0)).max() > 2
+
+
 def test_generate_bad_input_names_the_value_and_writes_nothing(chain, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["generate", "--workdir", chain["stage3"], "--mode", "t2i", "--prompt", "x" * 100,
@@ -288,6 +337,7 @@ def test_sample_draws_a_text_to_image_grid_at_each_guidance(chain, tmp_path, cap
     prompts = list(restored.config.sample.prompts)
     assert summary["grid"] == [len(prompts), 2] and summary["guidance"] == [0.0] * len(prompts)
     assert summary["conditioning"] == "text" and summary["prompts"] == prompts
+    assert summary["image_temperature"] == restored.config.sample.image_temperature == 1.0
     with np.load(tmp_path / "grid.npz") as npz:
         samples, stored_prompts = npz["samples"], npz["prompts"].tolist()
     assert samples.shape == (2 * len(prompts), 8, 8, 1) and stored_prompts == [p for p in prompts for _ in "ab"]
@@ -296,10 +346,11 @@ def test_sample_draws_a_text_to_image_grid_at_each_guidance(chain, tmp_path, cap
     cfg, vlm = restored.task.config, restored.extra["vlm"]
     encode = starflow2_data.ByteTokenizer().encode
 
-    def oracle(i, prompt, guidance, num):
+    def oracle(i, prompt, guidance, num, image_temperature=1.0):
         doc = pretzel.layout_document(cfg, [prompt], encode=encode)
         images = pretzel.text_to_image(cfg, restored.params, vlm, {}, doc, rng=jax.random.fold_in(jax.random.key(3), i),
-                                       num_samples=num, guidance=guidance)["images"]
+                                       num_samples=num, guidance=guidance,
+                                       image_temperature=image_temperature)["images"]
         return np.clip(np.asarray(images), -1, 1)
 
     for i, prompt in enumerate(prompts):
@@ -313,6 +364,14 @@ def test_sample_draws_a_text_to_image_grid_at_each_guidance(chain, tmp_path, cap
     np.testing.assert_allclose(rows[k + 1], oracle(1, prompts[1], 2.0, 1)[0], atol=1e-5, rtol=0)
     np.testing.assert_allclose(rows[1], oracle(1, prompts[1], 0.0, 1)[0], atol=1e-5, rtol=0)
     assert np.max(np.abs(rows[k:] - rows[:k])) > 1e-3  # guidance acts (same noise per prompt)
+    # the task a run with sample.image_temperature 0.5 builds draws its grids at 0.5
+    restored.config.sample.image_temperature = 0.5
+    cooler = restored._replace(task=families.make_task(restored.config))
+    half = sample_from_workdir(chain["stage3"], tmp_path / "half.png", restored=cooler, num=1, seed=3)
+    assert half["image_temperature"] == 0.5
+    with np.load(tmp_path / "half.npz") as npz:
+        np.testing.assert_allclose(npz["samples"][k + 1], oracle(1, prompts[1], 2.0, 1, 0.5)[0], atol=1e-5, rtol=0)
+        assert np.max(np.abs(npz["samples"][k + 1] - rows[k + 1])) > 1e-3
 
 
 def _padded_rows(cfg, docs):

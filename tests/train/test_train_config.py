@@ -25,7 +25,24 @@ def test_tiny_config_is_valid():
     ({"train.max_nonfinite_steps": 0}, "train.max_nonfinite_steps"),
     ({"sample.guidance": []}, "sample.guidance"),
     ({"data.builder": "directory"}, "data.data_dir"),
+    ({"sample.image_temperature": 0.0}, "sample.image_temperature"),
+    ({"sample.image_temperature": -0.5}, "sample.image_temperature"),
+    ({"sample.image_temperature": float("nan")}, "sample.image_temperature"),
 ])
 def test_errors_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         validate(tiny_config(**overrides))
+
+
+def test_image_temperature_must_be_a_number_and_is_for_starflow2_only():
+    """tiny_config is a flow-family config: any temperature but 1.0 is refused, naming the field and the
+    family; a string (a hand-edited stored config) is not a number."""
+    validate(tiny_config(**{"sample.image_temperature": 1.0}))
+    with pytest.raises(ValueError, match=r"sample\.image_temperature=0\.6: only model\.family in \('starflow2',\) "
+                                         r"samples at an image temperature \(model\.family is 'flow'"):
+        validate(tiny_config(**{"sample.image_temperature": 0.6}))
+    config = tiny_config()
+    with config.ignore_type():
+        config.sample.image_temperature = "hot"
+    with pytest.raises(ValueError, match=r"sample\.image_temperature='hot': expected a number"):
+        validate(config)

@@ -21,8 +21,9 @@ every start and never written into step checkpoints, are ``extra_vars`` entries:
 Batches are packed rows (``data.packing``) of the Pretzel layout (``pretzel.layout_document``) made by
 ``train.tasks.starflow2_data``; the loss is ``pretzel.loss`` with the stage's weights (caption dropout
 and latent noise from the config); eval gives per-row image NLL (bits/dim for patch latents, nats/dim
-for an FAE's) and NTP loss; ``sample_grid`` draws text → image for the grid prompts. ``starflow2 sample``
-and ``starflow2 eval bpd`` reach these runs through the family's hooks (``train.tasks.starflow2_eval``).
+for an FAE's) and NTP loss; ``sample_grid`` draws text → image for the grid prompts (at
+``sample.image_temperature``). ``starflow2 sample`` and ``starflow2 eval bpd`` reach these runs through
+the family's hooks (``train.tasks.starflow2_eval``).
 
 This module also defines the 'starflow2' family (``FAMILY``): the ``model.starflow2`` config section,
 its checks, resolution (a VLM checkpoint's config, an FAE workdir's config) and frozen parts.
@@ -112,7 +113,7 @@ class Starflow2Task(TaskBase):
     jittable_sample_grid = False  # text → image switches to the host between segments (``starflow2 aot``)
 
     def __init__(self, config: pretzel.PretzelConfig, stage: str, *, prompts=(), per_prompt: int = 4, jacobi=None,
-                 vision_tower: bool = False, levels: int = 255, encode=None):
+                 vision_tower: bool = False, levels: int = 255, encode=None, image_temperature: float = 1.0):
         if stage not in STAGES:
             raise ValueError(f"model.starflow2.stage={stage!r}: expected one of {STAGES}")
         self.config = config.validate()
@@ -120,6 +121,10 @@ class Starflow2Task(TaskBase):
         self.prompts = list(prompts)
         self.per_prompt = int(per_prompt)
         self.jacobi = jacobi
+        try:
+            self.image_temperature = pretzel.check_image_temperature(image_temperature)
+        except ValueError as error:
+            raise ValueError(f"sample.{error}") from None
         self.vision_tower = bool(vision_tower)
         self.levels = int(levels)
         self.encode = encode
@@ -141,7 +146,8 @@ class Starflow2Task(TaskBase):
                   if jac.block_size > 0 else None)
         return cls(pretzel_config_from(config), s.stage, prompts=tuple(config.sample.prompts),
                    per_prompt=int(config.sample.per_class), jacobi=jacobi, vision_tower=bool(s.vision_tower),
-                   levels=int(config.data.levels), encode=starflow2_data.make_tokenizer(config).encode)
+                   levels=int(config.data.levels), encode=starflow2_data.make_tokenizer(config).encode,
+                   image_temperature=float(config.sample.image_temperature))
 
     # ---- parts ------------------------------------------------------------------------------
     def part_names(self) -> list[str]:
@@ -213,20 +219,23 @@ class Starflow2Task(TaskBase):
         return list(self.prompts) or [""]
 
     def sample_grid(self, params, extra, rng, *, guidance: float, prompts=None, per_prompt: int | None = None,
-                    jacobi="config") -> SampleGrid:
+                    jacobi="config", image_temperature: float | None = None) -> SampleGrid:
         """Text → image: ``per_prompt`` (default ``sample.per_class``) images per prompt (default the grid
         prompts ``sample.prompts``; none: the empty prompt, drawn unguided), clipped to [−1, 1]. Prompt
-        i draws with ``fold_in(rng, i)``; jacobi 'config': ``sample.jacobi``."""
+        i draws with ``fold_in(rng, i)``; jacobi 'config': ``sample.jacobi``; image_temperature None:
+        ``sample.image_temperature`` (the noise of every image step is T·ε)."""
         prompts = self.grid_rows() if prompts is None else list(prompts)
         per_prompt = self.per_prompt if per_prompt is None else int(per_prompt)
         jacobi = self.jacobi if isinstance(jacobi, str) and jacobi == "config" else jacobi
+        temperature = self.image_temperature if image_temperature is None else image_temperature
         rows = []
         for i, prompt in enumerate(prompts):
             doc = pretzel.layout_document(self.config, [prompt] if prompt else [], encode=self.encode) if prompt \
                 else _empty_document(self.config)
             out = pretzel.text_to_image(self.config, params, extra["vlm"], self._latent_vars(extra), doc,
                                         rng=jax.random.fold_in(rng, i), num_samples=per_prompt,
-                                        guidance=float(guidance) if prompt else 0.0, jacobi=jacobi)
+                                        guidance=float(guidance) if prompt else 0.0, jacobi=jacobi,
+                                        image_temperature=temperature)
             rows.append(jnp.clip(out["images"], -1.0, 1.0))
         return SampleGrid(jnp.stack(rows), prompts)
 

@@ -4,7 +4,8 @@
 sample (``draw_samples``): text → image for the run's ``sample.prompts`` (or ``--prompt``), a grid with
 one row per (guidance, prompt) — every weight of ``sample.guidance``, or ``--guidance`` alone — and
 ``sample.per_class`` (or ``--num``) columns, through ``Starflow2Task.sample_grid`` (``pretzel.text_to_image``:
-Gaussian guidance on the deep stream, the run's ``sample.jacobi`` or ``--jacobi``). Every guidance
+Gaussian guidance on the deep stream, the run's ``sample.jacobi`` or ``--jacobi``, the run's
+``sample.image_temperature``, recorded in the summary). Every guidance
 row of a prompt uses the same noise (seed ``--seed``). The empty prompt is drawn unguided.
 
 eval bpd (``BPD``): every document of the split laid out as in training with image–text pairs as
@@ -76,7 +77,7 @@ def draw_samples(restored, *, label=None, prompt: str | None = None, guidance: f
             row_prompts.append(p)
             row_guidance.append(used)
     summary = dict(conditioning="text", guidance_weights=weights, prompts=list(prompts), jacobi=jac,
-                   per_prompt=per_prompt)
+                   per_prompt=per_prompt, image_temperature=task.image_temperature)
     return Drawn(images=np.concatenate(blocks), row_names=names, row_prompts=row_prompts, row_guidance=row_guidance,
                  summary=summary)
 
