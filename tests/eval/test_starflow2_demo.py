@@ -24,7 +24,7 @@ from starflow2_jax.data import demo_text as dt
 from starflow2_jax.eval import starflow2_demo as sd
 from starflow2_jax.eval import starflow2_prompts as sp
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo_chain")]  # one worker builds the session chain once
 SMALL = ["--samples-per-digit", "3", "--grid-per-digit", "2", "--seeds", "2", "--held-out", "12", "--edit", "12"]
 SECTION_KEYS = {
     "text_to_image": {"prompt", "prompt_text", "guidance", "image_temperature", "samples_per_digit", "judge",

@@ -22,7 +22,7 @@ from starflow2_jax.cli.main import main
 from starflow2_jax.train.restore import restore_workdir
 from starflow2_jax.train.tasks import starflow2 as sf2
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo_chain")]  # one worker builds the session chain once
 
 
 def _metrics(workdir):
