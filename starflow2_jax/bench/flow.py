@@ -25,9 +25,13 @@ Side by side (unless ``--no-torch``): the same model in PyTorch (``torch_ref.Tor
 with the same weights through the reference state-dict layout and checked equal to ours on the same
 inputs: forward z and sequential samples within 1e-4 relative) is timed in the same run, alternating
 with ours (``common.time_alternating``: every round times one run of each), same batch, same
-config, torch threads = ``--threads`` (default ``os.cpu_count()``, the size of XLA's CPU pool; on a
-shared machine pin the whole process, e.g. ``taskset -c 0 ... --threads 1``, since OpenMP threads
-degrade badly when oversubscribed). Ratios ours / PyTorch (> 1: ours faster): ``train_vs_torch``
+config, torch threads = ``--threads`` (default ``os.cpu_count()``, the size of XLA's CPU pool). PyTorch's
+OpenMP threads sleep between calls: the bench sets ``OMP_WAIT_POLICY=PASSIVE`` before it imports
+torch unless the environment sets it (``common.passive_openmp``; the record's ``omp_wait_policy`` and
+``omp_wait_policy_source`` say which value applied). With libgomp's default (spin after every
+parallel region) torch's idle threads take the cores from XLA's pool and, on a machine with other
+load, from each other: a tarflow-32 PyTorch train step measured 0.6–7 s per run instead of a steady
+0.2–0.3 s. Ratios ours / PyTorch (> 1: ours faster): ``train_vs_torch``
 (steps/s, PyTorch step = forward + backward + ``torch.optim.AdamW`` with the same hyper-parameters),
 ``sample_seq_vs_torch`` (sequential images/s), ``sample_best_vs_torch`` (the faster of our
 sequential and Jacobi samplers against PyTorch's sequential one; ``jacobi_max_abs_diff_vs_seq`` is
@@ -230,6 +234,7 @@ def run(name: str, *, batch: int | None = None, steps: int = 10, repeats: int = 
     """Runs the benchmark for ``CONFIGS[name]``; returns the JSON record (see the module docstring)."""
     import os
 
+    openmp = common.passive_openmp()  # before anything here imports torch (libgomp reads it on load)
     bench = CONFIGS[name]
     config = bench.make()
     config = dataclasses.replace(config, dtype=dtype or config.dtype, remat=remat).validate()
@@ -247,7 +252,7 @@ def run(name: str, *, batch: int | None = None, steps: int = 10, repeats: int = 
     record = dict(benchmark="flow", config=name, batch=batch, dtype=config.dtype, remat=config.remat,
                   **common.environment(), tokens_per_image=config.num_tokens, num_blocks=len(config.blocks),
                   num_params=num_params, param_noise=bench.param_noise, steps=steps, repeats=repeats,
-                  load_avg_1min=os.getloadavg()[0])
+                  load_avg_1min=os.getloadavg()[0], **openmp)
     calls = {}
     train_call, compile_s, losses = prepare_train(config, variables, images, cond)
     calls["train"] = (train_call, steps)
