@@ -97,6 +97,33 @@ def time_alternating(calls: dict[str, tuple[Callable[[], Any], int]], *, repeats
     return {name: Timing(median=statistics.median(r), runs=tuple(r)) for name, r in runs.items()}
 
 
+def passive_openmp() -> dict:
+    """Asks PyTorch's OpenMP runtime (GNU libgomp) to sleep, not spin, between parallel regions.
+
+    libgomp's threads busy-wait after every parallel region by default (OMP_WAIT_POLICY unset: a
+    long spin, then sleep). Beside XLA's thread pool in one process, or on a machine with other
+    work, the spinning threads take the cores that the next computation needs; measured on a loaded
+    2-core machine, a PyTorch train step then took 0.6–7 s instead of a steady 0.2–0.3 s. libgomp
+    reads the variable once, when it is loaded (``import torch``), so this must run before that.
+
+    Sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment already has a value (the user's wins)
+    or torch is already imported (too late to matter: left alone). Returns the record keys
+    ``omp_wait_policy`` (the value libgomp reads or has read; None if unset) and
+    ``omp_wait_policy_source`` ('bench': set here; 'environment': the user's; 'unset': torch was
+    imported before the bench could set it, libgomp's default applies).
+    """
+    import os
+
+    if "OMP_WAIT_POLICY" in os.environ:
+        source = "environment"
+    elif "torch" in sys.modules:
+        source = "unset"
+    else:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        source = "bench"
+    return {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "omp_wait_policy_source": source}
+
+
 def matmul_peak_flops(sizes: tuple[int, ...] = (512, 1024, 2048), repeats: int = 5) -> dict:
     """This machine's float32 matmul peak (FLOP/s): the best of ``repeats`` timed n×n products for
     every n in ``sizes``, by XLA (``jnp.dot``) and by PyTorch (``torch.mm``, if installed); ``peak``

@@ -1,13 +1,16 @@
 """Flow benchmark: training steps/s and sampling throughput (sequential vs Jacobi) of a named config.
 
     python -m starflow2_jax.bench.flow --config tarflow-32 [--batch B] [--steps S] [--repeats R]
-        [--dtype float32|bfloat16] [--remat none|full|dots|dots_no_batch] [--skip-sampling] [--list]
-        [--no-torch] [--threads N]
+        [--dtype float32|bfloat16] [--remat none|full|dots|dots_no_batch] [--scan-layers auto|scan|unroll]
+        [--skip-sampling] [--list] [--no-torch] [--threads N]
 
 Model: ``flow.init`` with every parameter (not the prior variance) perturbed by σ·N(0, 1), σ = 0.02
 (``param_noise`` of the named config; 0.005 for the 64-layer ImageNet-64 stack, whose latents
 overflow float32 at 0.02), so the zero-initialised heads do real work and Jacobi needs a meaningful
 number of iterations.
+
+Layers run as the config's ``scan_layers`` says (``--scan-layers``; default auto: a rolled loop on
+accelerators, unrolled on CPU, ``flow.block.scans_layers``); the record's ``scan_layers`` is what ran.
 
 Measured (compile excluded and reported separately, see ``bench.common``):
 
@@ -25,9 +28,13 @@ Side by side (unless ``--no-torch``): the same model in PyTorch (``torch_ref.Tor
 with the same weights through the reference state-dict layout and checked equal to ours on the same
 inputs: forward z and sequential samples within 1e-4 relative) is timed in the same run, alternating
 with ours (``common.time_alternating``: every round times one run of each), same batch, same
-config, torch threads = ``--threads`` (default ``os.cpu_count()``, the size of XLA's CPU pool; on a
-shared machine pin the whole process, e.g. ``taskset -c 0 ... --threads 1``, since OpenMP threads
-degrade badly when oversubscribed). Ratios ours / PyTorch (> 1: ours faster): ``train_vs_torch``
+config, torch threads = ``--threads`` (default ``os.cpu_count()``, the size of XLA's CPU pool). PyTorch's
+OpenMP threads sleep between calls: the bench sets ``OMP_WAIT_POLICY=PASSIVE`` before it imports
+torch unless the environment sets it (``common.passive_openmp``; the record's ``omp_wait_policy`` and
+``omp_wait_policy_source`` say which value applied). With libgomp's default (spin after every
+parallel region) torch's idle threads take the cores from XLA's pool and, on a machine with other
+load, from each other: a tarflow-32 PyTorch train step measured 0.6–7 s per run instead of a steady
+0.2–0.3 s. Ratios ours / PyTorch (> 1: ours faster): ``train_vs_torch``
 (steps/s, PyTorch step = forward + backward + ``torch.optim.AdamW`` with the same hyper-parameters),
 ``sample_seq_vs_torch`` (sequential images/s), ``sample_best_vs_torch`` (the faster of our
 sequential and Jacobi samplers against PyTorch's sequential one; ``jacobi_max_abs_diff_vs_seq`` is
@@ -55,9 +62,11 @@ import optax
 
 from starflow2_jax import flow
 from starflow2_jax.bench import common
+from starflow2_jax.flow.block import scans_layers
 from starflow2_jax.flow.config import REMAT_POLICIES
 
 JACOBI = dict(block_size=16, threshold=1e-3, max_iters=32)
+SCAN_LAYERS = {"auto": None, "scan": True, "unroll": False}  # --scan-layers → FlowConfig.scan_layers
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
@@ -226,13 +235,15 @@ def torch_side(config: flow.FlowConfig, variables: dict, images, cond, noise, ki
 
 def run(name: str, *, batch: int | None = None, steps: int = 10, repeats: int = 3, dtype: str | None = None,
         remat: str = "none", skip_sampling: bool = False, seed: int = 0, torch_side_by_side: bool = True,
-        threads: int | None = None) -> dict:
-    """Runs the benchmark for ``CONFIGS[name]``; returns the JSON record (see the module docstring)."""
+        threads: int | None = None, scan_layers: bool | None = None) -> dict:
+    """Runs the benchmark for ``CONFIGS[name]``; returns the JSON record (see the module docstring).
+    ``scan_layers``: the FlowConfig field (None: per backend)."""
     import os
 
+    openmp = common.passive_openmp()  # before anything here imports torch (libgomp reads it on load)
     bench = CONFIGS[name]
     config = bench.make()
-    config = dataclasses.replace(config, dtype=dtype or config.dtype, remat=remat).validate()
+    config = dataclasses.replace(config, dtype=dtype or config.dtype, remat=remat, scan_layers=scan_layers).validate()
     batch = batch or bench.batch
     if torch_side_by_side and config.dtype != "float32":
         raise ValueError(f"--dtype {config.dtype}: the PyTorch side-by-side runs float32 only (use --no-torch)")
@@ -241,13 +252,16 @@ def run(name: str, *, batch: int | None = None, steps: int = 10, repeats: int = 
     variables = dict(variables, params=common.perturb(variables["params"], k_perturb, bench.param_noise))
     images, cond, noise = make_inputs(config, bench.cond, batch, k_data)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(variables["params"]))
+    layers = "scanned" if scans_layers(config) else "unrolled"
     common.log(f"{name}: {bench.description}; batch {batch}, dtype {config.dtype}, remat {config.remat}, "
-               f"{num_params / 1e6:.2f}M params, T={config.num_tokens}, devices {common.devices_info()}")
+               f"{num_params / 1e6:.2f}M params, T={config.num_tokens}, layers {layers}, "
+               f"devices {common.devices_info()}")
 
     record = dict(benchmark="flow", config=name, batch=batch, dtype=config.dtype, remat=config.remat,
+                  scan_layers=scans_layers(config),
                   **common.environment(), tokens_per_image=config.num_tokens, num_blocks=len(config.blocks),
                   num_params=num_params, param_noise=bench.param_noise, steps=steps, repeats=repeats,
-                  load_avg_1min=os.getloadavg()[0])
+                  load_avg_1min=os.getloadavg()[0], **openmp)
     calls = {}
     train_call, compile_s, losses = prepare_train(config, variables, images, cond)
     calls["train"] = (train_call, steps)
@@ -327,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="compute dtype (default: the config's, float32)")
     parser.add_argument("--remat", choices=REMAT_POLICIES, default="none", help="rematerialisation policy")
+    parser.add_argument("--scan-layers", choices=tuple(SCAN_LAYERS), default="auto",
+                        help="each block's layers as a rolled loop (scan) or straight-line code (unroll); "
+                             "auto: scan on accelerators, unroll on CPU")
     parser.add_argument("--skip-sampling", action="store_true", help="time training only (sampling keys null)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed of params, perturbation and inputs")
     parser.add_argument("--no-torch", action="store_true",
@@ -349,7 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--steps={args.steps} and --repeats={args.repeats} must both be >= 1")
     record = run(args.config, batch=args.batch, steps=args.steps, repeats=args.repeats, dtype=args.dtype,
                  remat=args.remat, skip_sampling=args.skip_sampling, seed=args.seed,
-                 torch_side_by_side=not args.no_torch, threads=args.threads)
+                 torch_side_by_side=not args.no_torch, threads=args.threads,
+                 scan_layers=SCAN_LAYERS[args.scan_layers])
     common.emit(record)
     return 0
 

@@ -34,7 +34,7 @@ class FlowConfig:
     conditioning (num_classes: TarFlow class embedding; text_dim/text_len: STARFlow text prefix),
     the block head (sos, position, nvp, scale_fn, soft_clip, final_norm), the transformer (norm,
     mlp, mlp_ratio, use_bias, qk_norm, post_norm), sampling semantics (guidance rule) and
-    execution (dtype, remat).
+    execution (dtype, remat, scan_layers).
     """
 
     image_size: tuple[int, int]
@@ -66,6 +66,10 @@ class FlowConfig:
     latent_norm_reg: float = 0.0  # λ of Σ_j mean(outputs_j²) over the input and the shallow outputs
     dtype: str = "float32"  # compute dtype of matmuls; σ, log-dets and z stay float32
     remat: str = "none"  # one of REMAT_POLICIES
+    # Each block's layers as one rolled loop (True: lax.scan, one compiled layer body) or unrolled
+    # (False: straight-line code, no loop); None: rolled on accelerators, unrolled on CPU, where the
+    # loop's per-iteration cost shows in sequential sampling. Params are stacked on 'layers' either way.
+    scan_layers: bool | None = None
 
     # ---- derived shapes -------------------------------------------------------------------
     @property
@@ -111,6 +115,8 @@ class FlowConfig:
         _one_of("mlp", self.mlp, ("gelu", "swiglu"))
         _one_of("remat", self.remat, REMAT_POLICIES)
         _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if self.scan_layers is not None and not isinstance(self.scan_layers, bool):
+            raise ValueError(f"scan_layers={self.scan_layers!r}: expected True, False or None (per backend)")
         if not self.blocks:
             raise ValueError("blocks is empty: a flow needs at least one block")
         if self.in_channels < 1:

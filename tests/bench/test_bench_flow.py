@@ -19,6 +19,8 @@ REQUIRED_KEYS = (
     # side by side with PyTorch, and fractions of the matmul peak measured in the same run
     "torch", "torch_max_abs_diff_z", "torch_max_abs_diff_samples", "matmul_peak_gflops", "train_peak_fraction",
     "train_vs_torch", "sample_seq_vs_torch", "sample_best_vs_torch", "sample_seq_peak_fraction",
+    # which OpenMP wait policy PyTorch's threads ran under (common.passive_openmp)
+    "omp_wait_policy", "omp_wait_policy_source",
 )
 POSITIVE_KEYS = (
     "train_steps_per_s", "train_step_ms", "compile_s", "sample_seq_images_per_s", "sample_seq_tokens_per_s",
