@@ -20,18 +20,20 @@ Presets (``arg`` = ``size,stage[,runlocal]``):
   image, "draw the digit …", counting documents drawing each number, "Draw the next digit."; stage 2
   image → caption and "What digit is this?"; stage 3 all of them. 2×2 patches (N = 16 slots of D = 4,
   the flow-only demo's latent space), flows of width 96 (shallow 4 × 1, deep 2); rows of 160 positions
-  with up to 4 images (the longest document, a 4-image counting one, is 109), batches of 16 rows;
+  with up to 4 images (the longest document, a 4-image counting one, is 125), batches of 16 rows;
   ``DEMO_STEPS`` per stage.
   **Measured** (tuning runs on 2 CPU cores shared with other jobs): the deep flow reads the frozen
   language model's last hidden states, which for a language model this small barely differ between
-  digits except where the next word is the digit — hence the demo's chat replies name each digit before
-  drawing it (``data.demo_text``). Stage 2 (the adapter alone) does not teach the frozen model to read
+  digits except where the next word is the digit — hence the demo's chat replies name each digit twice
+  before drawing it ("seven, a handwritten seven", ``data.demo_text.DRAWING``: the second naming is
+  predictable from the first in every context, "Draw the next digit." included). Stage 2 (the adapter alone) does not teach the frozen model to read
   images (answers at chance after 300 steps: the model never saw an image in stage 0); stage 3, where
   the deep stream reaches the LM head through W_D, does (56% after 500 steps). Text → image accuracy
   grows with training (28% after stage 1's 1000 steps, 42% after stage 3's 500 at guidance 2): the
   demo's budget, not the model, is what limits it. ``launch/local.sh demo`` on the idle machine with
-  these presets: 745 s (stage 1 178 s, stage 2 35 s, stage 3 392 s at 2.6 steps/s); text → image 40%,
-  held-out 2.365 bits/dim, understanding 79%, interleaved structure 85%, next digit 11% (README).
+  these presets (stop 11): 710 s (stage 0 76 s, stage 1 152 s, stage 2 33 s, stage 3 358 s at 3.0
+  steps/s, scoring 89 s); text → image 84% (guidance 2, image temperature 0.6), held-out 2.355
+  bits/dim, understanding 60%, interleaved structure 100% and images 82%, next digit 18% (README).
   Images are drawn at ``sample.image_temperature = 0.6`` (noise ε ~ N(0, 0.36·I), Glow's temperature):
   on the demo's trained stage 3 at guidance 2 (400 samples judged) accuracy was 44% at T = 1, 52% at
   0.8 and 59% at 0.6, and the within-class variety 1.31 of the real digits' at T = 1 (outside the
