@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,9 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import numpy as np  # noqa: E402  (after the environment above)
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
+
+# `--dist loadgroup` with pytest-xdist 3.8's crash recovery fixed (a crashed worker hung the run)
+from xdist_scheduling import pytest_xdist_make_scheduler  # noqa: E402,F401  (a hook: pytest finds it here)
 
 # grain's multiprocessing workers read absl flags; outside absl.app.run they must be marked parsed.
 flags.FLAGS.mark_as_parsed()
@@ -73,6 +77,23 @@ def tarflow_fixture(reference_dir: Path) -> dict[str, np.ndarray]:
 def starflow_fixture(reference_dir: Path) -> dict[str, np.ndarray]:
     """Returns every array of `apple_starflow_tiny.npz` (ml-starflow reference), keyed as in the file."""
     return _load_npz(reference_dir, "apple_starflow_tiny.npz")
+
+
+# ---- compiled code is freed after every test module --------------------------------------------------
+# Every XLA:CPU executable keeps its machine code in a few memory maps of its own until it is freed, and
+# jax keeps every executable it compiled in its caches. A worker that runs half the suite compiles tens
+# of thousands of them and reaches the kernel's limit on maps per process (vm.max_map_count, 65530);
+# the next compile then fails to map its code and aborts the worker ("Fatal Python error: Aborted" in
+# XLA's compiler, seen in CI at stop 11 and again here: a worker held 58,661 maps near the end of the
+# suite). Clearing jax's caches after each module keeps a worker's maps near those of one module.
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_code():
+    yield
+    if "jax" in sys.modules:
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
 
 
 # ---- measured numbers in the run's summary ---------------------------------------------------------
