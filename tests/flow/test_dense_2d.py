@@ -4,12 +4,14 @@ same flow.
 Oracle: the other form on the same params (``dense_2d=False`` is flax's ``DenseGeneral`` and autodiff
 of it, unchanged). Checked: the params tree (structure, logical axes, shapes and init values) is
 identical, so checkpoints and the PyTorch converters cannot tell; forward z and log-dets, the
-loss gradient and sequential samples agree; the per-backend default and validation.
+loss gradient and (STARFlow: text prefill and KV-cache steps) sequential samples agree; the switch
+really changes the program; the per-backend default and validation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -50,6 +52,7 @@ def _close(a, b, tol=1e-5):
     np.testing.assert_allclose(a, b, rtol=tol, atol=tol * max(1.0, float(np.max(np.abs(b)))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_same_params_and_flow_either_way(name):
     flat, ref = _variants(name)
@@ -65,22 +68,47 @@ def test_same_params_and_flow_either_way(name):
     variables = dict(variables, params=jax.tree_util.tree_map(
         lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(np.float32), variables["params"]))
     images, cond, noise = _inputs(flat)
-    outs = [flow.forward_with_intermediates(c, variables, images, cond) for c in (flat, ref)]
-    _close(outs[0].z, outs[1].z)
-    _close(outs[0].logdets, outs[1].logdets)
 
-    def grads(config):
-        loss = lambda p: flow.loss(config, flow.forward_with_intermediates(  # noqa: E731
-            config, dict(variables, params=p), images, cond))["loss"]
-        return jax.jit(jax.grad(loss))(variables["params"])
+    def loss_and_grads(config):
+        def loss(p):
+            out = flow.forward_with_intermediates(config, dict(variables, params=p), images, cond)
+            return flow.loss(config, out)["loss"], (out.z, out.logdets)
 
-    g_flat, g_ref = grads(flat), grads(ref)
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+
+    ((l_flat, (z_flat, ld_flat)), g_flat), ((l_ref, (z_ref, ld_ref)), g_ref) = map(loss_and_grads, (flat, ref))
+    _close(z_flat, z_ref)
+    _close(ld_flat, ld_ref)
+    _close(l_flat, l_ref)
     assert jax.tree_util.tree_structure(g_flat) == jax.tree_util.tree_structure(g_ref)
     for a, b in zip(jax.tree_util.tree_leaves(g_flat), jax.tree_util.tree_leaves(g_ref)):
         _close(a, b)
 
-    s_flat, s_ref = (flow.sample_tokens(c, variables, noise, cond)[0] for c in (flat, ref))
-    _close(s_flat, s_ref)
+    if name == "starflow":
+        s_flat, s_ref = (flow.sample_tokens(c, variables, noise, cond)[0] for c in (flat, ref))
+        _close(s_flat, s_ref)
+
+
+def _dot_ranks(hlo: str) -> list[int]:
+    """The rank of the left operand of every stablehlo.dot_general in ``hlo``."""
+    found = re.findall(r"stablehlo\.dot_general[^\n]*?:\s*\(tensor<((?:\d+x)*)[a-z]", hlo)
+    return [dims.count("x") for dims in found]
+
+
+def test_switch_changes_the_program():
+    """On: every dense layer is a 2-D dot (the attention einsums stay 5-D); off: no 2-D dot at all."""
+    flat, ref = _variants("tarflow")
+    variables = jax.eval_shape(lambda: flow.init(flat, jax.random.PRNGKey(0)))  # lowering needs shapes only
+    images, cond, _ = _inputs(flat)
+
+    def ranks(config):
+        return _dot_ranks(jax.jit(lambda v, x, c: flow.forward_with_intermediates(config, v, x, c).z).lower(
+            variables, images, cond).as_text())
+
+    dense_layers = len(flat.blocks) * (2 + 6 * flat.blocks[0].num_layers)  # proj_in/out; q, k, v, out, wi, wo
+    on, off = ranks(flat), ranks(ref)
+    assert on.count(2) == dense_layers and max(on) > 2, on  # attention's batched dots stay
+    assert 2 not in off and len(off) == len(on), off
 
 
 def test_default_is_per_backend_and_bad_values_are_rejected():
