@@ -2,7 +2,7 @@
 
     python -m starflow2_jax.bench.flow --config tarflow-32 [--batch B] [--steps S] [--repeats R]
         [--dtype float32|bfloat16] [--remat none|full|dots|dots_no_batch] [--scan-layers auto|scan|unroll]
-        [--skip-sampling] [--list] [--no-torch] [--threads N]
+        [--dense-2d auto|on|off] [--skip-sampling] [--list] [--no-torch] [--threads N]
 
 Model: ``flow.init`` with every parameter (not the prior variance) perturbed by σ·N(0, 1), σ = 0.02
 (``param_noise`` of the named config; 0.005 for the 64-layer ImageNet-64 stack, whose latents
@@ -11,6 +11,9 @@ number of iterations.
 
 Layers run as the config's ``scan_layers`` says (``--scan-layers``; default auto: a rolled loop on
 accelerators, unrolled on CPU, ``flow.block.scans_layers``); the record's ``scan_layers`` is what ran.
+Dense layers likewise run as the config's ``dense_2d`` says (``--dense-2d``; default auto: 2-D matmuls
+on CPU, XLA's 3-D dot_general on accelerators, ``flow.block.uses_dense_2d``); the record's ``dense_2d``
+is what ran.
 
 Measured (compile excluded and reported separately, see ``bench.common``):
 
@@ -62,11 +65,12 @@ import optax
 
 from starflow2_jax import flow
 from starflow2_jax.bench import common
-from starflow2_jax.flow.block import scans_layers
+from starflow2_jax.flow.block import scans_layers, uses_dense_2d
 from starflow2_jax.flow.config import REMAT_POLICIES
 
 JACOBI = dict(block_size=16, threshold=1e-3, max_iters=32)
 SCAN_LAYERS = {"auto": None, "scan": True, "unroll": False}  # --scan-layers → FlowConfig.scan_layers
+DENSE_2D = {"auto": None, "on": True, "off": False}  # --dense-2d → FlowConfig.dense_2d
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
@@ -235,15 +239,16 @@ def torch_side(config: flow.FlowConfig, variables: dict, images, cond, noise, ki
 
 def run(name: str, *, batch: int | None = None, steps: int = 10, repeats: int = 3, dtype: str | None = None,
         remat: str = "none", skip_sampling: bool = False, seed: int = 0, torch_side_by_side: bool = True,
-        threads: int | None = None, scan_layers: bool | None = None) -> dict:
+        threads: int | None = None, scan_layers: bool | None = None, dense_2d: bool | None = None) -> dict:
     """Runs the benchmark for ``CONFIGS[name]``; returns the JSON record (see the module docstring).
-    ``scan_layers``: the FlowConfig field (None: per backend)."""
+    ``scan_layers``, ``dense_2d``: the FlowConfig fields (None: per backend)."""
     import os
 
     openmp = common.passive_openmp()  # before anything here imports torch (libgomp reads it on load)
     bench = CONFIGS[name]
     config = bench.make()
-    config = dataclasses.replace(config, dtype=dtype or config.dtype, remat=remat, scan_layers=scan_layers).validate()
+    config = dataclasses.replace(config, dtype=dtype or config.dtype, remat=remat, scan_layers=scan_layers,
+                                 dense_2d=dense_2d).validate()
     batch = batch or bench.batch
     if torch_side_by_side and config.dtype != "float32":
         raise ValueError(f"--dtype {config.dtype}: the PyTorch side-by-side runs float32 only (use --no-torch)")
@@ -255,10 +260,11 @@ def run(name: str, *, batch: int | None = None, steps: int = 10, repeats: int = 
     layers = "scanned" if scans_layers(config) else "unrolled"
     common.log(f"{name}: {bench.description}; batch {batch}, dtype {config.dtype}, remat {config.remat}, "
                f"{num_params / 1e6:.2f}M params, T={config.num_tokens}, layers {layers}, "
+               f"dense {'2-D' if uses_dense_2d(config) else '3-D'}, "
                f"devices {common.devices_info()}")
 
     record = dict(benchmark="flow", config=name, batch=batch, dtype=config.dtype, remat=config.remat,
-                  scan_layers=scans_layers(config),
+                  scan_layers=scans_layers(config), dense_2d=uses_dense_2d(config),
                   **common.environment(), tokens_per_image=config.num_tokens, num_blocks=len(config.blocks),
                   num_params=num_params, param_noise=bench.param_noise, steps=steps, repeats=repeats,
                   load_avg_1min=os.getloadavg()[0], **openmp)
@@ -344,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scan-layers", choices=tuple(SCAN_LAYERS), default="auto",
                         help="each block's layers as a rolled loop (scan) or straight-line code (unroll); "
                              "auto: scan on accelerators, unroll on CPU")
+    parser.add_argument("--dense-2d", choices=tuple(DENSE_2D), default="auto",
+                        help="dense layers as 2-D matmuls over flattened rows (on) or XLA's 3-D dot_general (off); "
+                             "auto: on on CPU, off on accelerators")
     parser.add_argument("--skip-sampling", action="store_true", help="time training only (sampling keys null)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed of params, perturbation and inputs")
     parser.add_argument("--no-torch", action="store_true",
@@ -367,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     record = run(args.config, batch=args.batch, steps=args.steps, repeats=args.repeats, dtype=args.dtype,
                  remat=args.remat, skip_sampling=args.skip_sampling, seed=args.seed,
                  torch_side_by_side=not args.no_torch, threads=args.threads,
-                 scan_layers=SCAN_LAYERS[args.scan_layers])
+                 scan_layers=SCAN_LAYERS[args.scan_layers], dense_2d=DENSE_2D[args.dense_2d])
     common.emit(record)
     return 0
 

@@ -57,12 +57,13 @@ class FlowLayer(nn.Module):
         """segment_ids (B, Q) / key_mask (B, K): see ``nn.Attention`` (packed rows, padding, masked keys)."""
         cfg, b = self.config, self.block
         dtype = compute_dtype(cfg)
+        flat = uses_dense_2d(cfg)
         norm_kw = dict(layernorm_eps=cfg.layernorm_eps, rmsnorm_eps=cfg.rmsnorm_eps)
         attn_norm = make_norm(cfg.norm, name="attn_norm", **norm_kw)
         y = attn_norm(h) if attn_norm is not None else h
         y, kv = Attention(num_heads=b.num_heads, num_kv_heads=b.num_kv_heads, head_dim=b.head_dim,
                           out_features=b.width, use_bias=cfg.use_bias, qk_norm=cfg.qk_norm,
-                          qk_norm_eps=cfg.rmsnorm_eps, mask="causal", dtype=dtype, name="attn")(
+                          qk_norm_eps=cfg.rmsnorm_eps, mask="causal", dtype=dtype, dense_2d=flat, name="attn")(
             y, angles=angles, kv=kv, index=index, temperature=temperature, segment_ids=segment_ids,
             key_mask=key_mask)
         if cfg.post_norm:
@@ -71,7 +72,7 @@ class FlowLayer(nn.Module):
         mlp_norm = make_norm(cfg.norm, name="mlp_norm", **norm_kw)
         y = mlp_norm(h) if mlp_norm is not None else h
         y = MLP(hidden=int(b.width * cfg.mlp_ratio), kind="gelu" if cfg.mlp == "gelu" else "gated",
-                gated_activation="gelu_tanh", use_bias=cfg.use_bias, dtype=dtype, name="mlp")(y)
+                gated_activation="gelu_tanh", use_bias=cfg.use_bias, dtype=dtype, dense_2d=flat, name="mlp")(y)
         if cfg.post_norm:
             y = RMSNorm(epsilon=cfg.rmsnorm_eps, name="mlp_post_norm")(y)
         h = h + y
@@ -91,6 +92,18 @@ def scans_layers(config: FlowConfig, backend: str | None = None) -> bool:
     if config.scan_layers is not None:
         return config.scan_layers
     return (backend or jax.default_backend()) != "cpu"
+
+
+def uses_dense_2d(config: FlowConfig, backend: str | None = None) -> bool:
+    """Whether the flow's dense layers compute as 2-D matmuls (``nn.dense2d``): ``config.dense_2d``, or
+    when that is None, on CPU only (``backend``: default ``jax.default_backend()`` when the model is traced).
+
+    On CPU, XLA runs the weight gradient of a 3-D dense layer as explicit transposes and a plain dot;
+    flattened to 2-D it is one matmul (see ``nn.dense2d`` for the measurement). Accelerators keep XLA's
+    own dot_general and its gradients (no reshapes across sharded batch and sequence axes)."""
+    if config.dense_2d is not None:
+        return config.dense_2d
+    return (backend or jax.default_backend()) == "cpu"
 
 
 def layer_stack(config: FlowConfig, block: BlockConfig) -> nn.Module:
@@ -116,7 +129,8 @@ class AFBlock(nn.Module):
         b = self.block
         d, width = cfg.token_dim, b.width
         dtype = compute_dtype(cfg)
-        self.proj_in = dense(width, ("latent",), ("embed",), fan_in=d, dtype=dtype)
+        flat = uses_dense_2d(cfg)
+        self.proj_in = dense(width, ("latent",), ("embed",), fan_in=d, dtype=dtype, dense_2d=flat)
         if cfg.position == "learned":
             self.pos_embed = param_with_axes(self, "pos_embed", nn.initializers.normal(0.01),
                                              (cfg.num_tokens, width), ("seq", "embed"))
@@ -126,12 +140,12 @@ class AFBlock(nn.Module):
         if cfg.sos:
             self.sos_embed = param_with_axes(self, "sos_embed", nn.initializers.normal(1.0), (d,), ("latent",))
         if b.text_conditioned:
-            self.proj_txt = dense(width, ("text_embed",), ("embed",), fan_in=cfg.text_dim, dtype=dtype)
+            self.proj_txt = dense(width, ("text_embed",), ("embed",), fan_in=cfg.text_dim, dtype=dtype, dense_2d=flat)
         self.layers = layer_stack(cfg, b)
         if cfg.final_norm:
             self.final_norm = RMSNorm(epsilon=cfg.rmsnorm_eps)
         self.proj_out = dense(2 * d if cfg.nvp else d, ("embed",), ("latent",), fan_in=width, zero_init=True,
-                              dtype=dtype)
+                              dtype=dtype, dense_2d=flat)
 
     # ---- static facts ---------------------------------------------------------------------
     @property

@@ -34,7 +34,7 @@ class FlowConfig:
     conditioning (num_classes: TarFlow class embedding; text_dim/text_len: STARFlow text prefix),
     the block head (sos, position, nvp, scale_fn, soft_clip, final_norm), the transformer (norm,
     mlp, mlp_ratio, use_bias, qk_norm, post_norm), sampling semantics (guidance rule) and
-    execution (dtype, remat, scan_layers).
+    execution (dtype, remat, scan_layers, dense_2d).
     """
 
     image_size: tuple[int, int]
@@ -70,6 +70,10 @@ class FlowConfig:
     # (False: straight-line code, no loop); None: rolled on accelerators, unrolled on CPU, where the
     # loop's per-iteration cost shows in sequential sampling. Params are stacked on 'layers' either way.
     scan_layers: bool | None = None
+    # Dense layers (attention projections, MLP, proj_in/txt/out) as 2-D matmuls over flattened (batch·seq)
+    # rows (True; ``nn.dense2d``: 2-D weight-gradient matmuls, faster on XLA:CPU) or as XLA's 3-D
+    # dot_general (False); None: 2-D on CPU, 3-D on accelerators. Same params and outputs either way.
+    dense_2d: bool | None = None
 
     # ---- derived shapes -------------------------------------------------------------------
     @property
@@ -117,6 +121,8 @@ class FlowConfig:
         _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
         if self.scan_layers is not None and not isinstance(self.scan_layers, bool):
             raise ValueError(f"scan_layers={self.scan_layers!r}: expected True, False or None (per backend)")
+        if self.dense_2d is not None and not isinstance(self.dense_2d, bool):
+            raise ValueError(f"dense_2d={self.dense_2d!r}: expected True, False or None (per backend)")
         if not self.blocks:
             raise ValueError("blocks is empty: a flow needs at least one block")
         if self.in_channels < 1:

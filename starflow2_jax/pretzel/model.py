@@ -29,7 +29,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from starflow2_jax.flow.block import AFBlock, compute_dtype, layer_stack, sigma_from_preact, split_affine
+from starflow2_jax.flow.block import (AFBlock, compute_dtype, layer_stack, sigma_from_preact, split_affine,
+                                     uses_dense_2d)
 from starflow2_jax.nn import KVCache, RMSNorm, dense, multimodal_rope_angles
 from starflow2_jax.pretzel.config import PretzelConfig
 from starflow2_jax.vlm.text import QwenTextModel
@@ -92,11 +93,14 @@ class DeepStream(nn.Module):
         flow_cfg = cfg.deep_config()
         dtype = compute_dtype(flow_cfg)
         width = cfg.flow_width
-        self.proj_txt = dense(width, ("text_embed",), ("embed",), fan_in=cfg.vlm.hidden_size, dtype=dtype)
-        self.proj_in = dense(width, ("latent",), ("embed",), fan_in=cfg.latent_dim, dtype=dtype)
+        flat = uses_dense_2d(flow_cfg)
+        self.proj_txt = dense(width, ("text_embed",), ("embed",), fan_in=cfg.vlm.hidden_size, dtype=dtype,
+                              dense_2d=flat)
+        self.proj_in = dense(width, ("latent",), ("embed",), fan_in=cfg.latent_dim, dtype=dtype, dense_2d=flat)
         self.layers = layer_stack(flow_cfg, flow_cfg.blocks[0])
         self.final_norm = RMSNorm(epsilon=flow_cfg.rmsnorm_eps)
-        self.proj_out = dense(2 * cfg.latent_dim, ("embed",), ("latent",), fan_in=width, zero_init=True, dtype=dtype)
+        self.proj_out = dense(2 * cfg.latent_dim, ("embed",), ("latent",), fan_in=width, zero_init=True, dtype=dtype,
+                              dense_2d=flat)
 
     def __call__(self, y_vlm, slot_inputs, slot, positions, *, kv=None, index=None, segment_ids=None,
                  key_mask=None):
