@@ -15,10 +15,10 @@ import re
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flow_switch_helpers import assert_close, both_ways, flow_inputs
 from starflow2_jax import flow
 from starflow2_jax.flow.block import uses_dense_2d
 
@@ -31,31 +31,10 @@ CONFIGS = {
 }
 
 
-def _variants(name):
-    base = CONFIGS[name]
-    return dataclasses.replace(base, dense_2d=True).validate(), dataclasses.replace(base, dense_2d=False).validate()
-
-
-def _inputs(config, batch=2):
-    h, w = config.image_size
-    images = jax.random.normal(jax.random.PRNGKey(1), (batch, h, w, config.in_channels))
-    if config.num_classes:
-        cond = jnp.arange(batch) % config.num_classes
-    else:
-        cond = jax.random.normal(jax.random.PRNGKey(2), (batch, config.text_len, config.text_dim))
-    noise = jax.random.normal(jax.random.PRNGKey(3), (batch, config.num_tokens, config.token_dim))
-    return images, cond, noise
-
-
-def _close(a, b, tol=1e-5):
-    a, b = np.asarray(a), np.asarray(b)
-    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * max(1.0, float(np.max(np.abs(b)))))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_same_params_and_flow_either_way(name):
-    flat, ref = _variants(name)
+    flat, ref = both_ways(CONFIGS[name], "dense_2d")
     boxed = [flow.init_boxed(c, jax.random.PRNGKey(0)) for c in (flat, ref)]
     assert jax.tree_util.tree_structure(boxed[0]) == jax.tree_util.tree_structure(boxed[1])
     assert nn.get_partition_spec(boxed[0]) == nn.get_partition_spec(boxed[1])
@@ -67,7 +46,7 @@ def test_same_params_and_flow_either_way(name):
     rng = np.random.default_rng(0)  # nudge every param: proj_out starts at zero
     variables = dict(variables, params=jax.tree_util.tree_map(
         lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(np.float32), variables["params"]))
-    images, cond, noise = _inputs(flat)
+    images, cond, noise = flow_inputs(flat)
 
     def loss_and_grads(config):
         def loss(p):
@@ -77,16 +56,16 @@ def test_same_params_and_flow_either_way(name):
         return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
 
     ((l_flat, (z_flat, ld_flat)), g_flat), ((l_ref, (z_ref, ld_ref)), g_ref) = map(loss_and_grads, (flat, ref))
-    _close(z_flat, z_ref)
-    _close(ld_flat, ld_ref)
-    _close(l_flat, l_ref)
+    assert_close(z_flat, z_ref)
+    assert_close(ld_flat, ld_ref)
+    assert_close(l_flat, l_ref)
     assert jax.tree_util.tree_structure(g_flat) == jax.tree_util.tree_structure(g_ref)
     for a, b in zip(jax.tree_util.tree_leaves(g_flat), jax.tree_util.tree_leaves(g_ref)):
-        _close(a, b)
+        assert_close(a, b)
 
     if name == "starflow":
         s_flat, s_ref = (flow.sample_tokens(c, variables, noise, cond)[0] for c in (flat, ref))
-        _close(s_flat, s_ref)
+        assert_close(s_flat, s_ref)
 
 
 def _dot_ranks(hlo: str) -> list[int]:
@@ -97,9 +76,9 @@ def _dot_ranks(hlo: str) -> list[int]:
 
 def test_switch_changes_the_program():
     """On: every dense layer is a 2-D dot (the attention einsums stay 5-D); off: no 2-D dot at all."""
-    flat, ref = _variants("tarflow")
+    flat, ref = both_ways(CONFIGS["tarflow"], "dense_2d")
     variables = jax.eval_shape(lambda: flow.init(flat, jax.random.PRNGKey(0)))  # lowering needs shapes only
-    images, cond, _ = _inputs(flat)
+    images, cond, _ = flow_inputs(flat)
 
     def ranks(config):
         return _dot_ranks(jax.jit(lambda v, x, c: flow.forward_with_intermediates(config, v, x, c).z).lower(

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flow_switch_helpers import assert_close, both_ways, flow_inputs
 from starflow2_jax import flow
 from starflow2_jax.flow.block import scans_layers
 
@@ -27,22 +27,6 @@ CONFIGS = {
 }
 
 
-def _variants(name):
-    base = CONFIGS[name]
-    return dataclasses.replace(base, scan_layers=True).validate(), dataclasses.replace(base, scan_layers=False).validate()
-
-
-def _inputs(config, batch=2):
-    h, w = config.image_size
-    images = jax.random.normal(jax.random.PRNGKey(1), (batch, h, w, config.in_channels))
-    if config.num_classes:
-        cond = jnp.arange(batch) % config.num_classes
-    else:
-        cond = jax.random.normal(jax.random.PRNGKey(2), (batch, config.text_len, config.text_dim))
-    noise = jax.random.normal(jax.random.PRNGKey(3), (batch, config.num_tokens, config.token_dim))
-    return images, cond, noise
-
-
 def _variables(config):
     variables = flow.init(config, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)  # nudge every param: proj_out starts at zero
@@ -51,17 +35,12 @@ def _variables(config):
     return dict(variables, params=params)
 
 
-def _close(a, b, tol=1e-5):
-    a, b = np.asarray(a), np.asarray(b)
-    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * max(1.0, float(np.max(np.abs(b)))))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_same_flow_either_way(name):
     """Same params layout; same z, log-dets and samples (sequential; Jacobi with a fixed pass count on
     the text-conditioned flow); same loss gradient on TarFlow (the train step's path)."""
-    scanned, unrolled = _variants(name)
+    scanned, unrolled = both_ways(CONFIGS[name], "scan_layers")
     variables = _variables(scanned)
     shapes = jax.eval_shape(lambda: flow.init(unrolled, jax.random.PRNGKey(0)))
     assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(variables)
@@ -69,15 +48,15 @@ def test_same_flow_either_way(name):
     qkv = variables["params"]["blocks_0"]["layers"]["attn"]["query"]["kernel"]
     assert qkv.shape[0] == scanned.blocks[0].num_layers  # stacked on the leading 'layers' axis either way
 
-    images, cond, noise = _inputs(scanned)
+    images, cond, noise = flow_inputs(scanned)
     outs = [flow.forward_with_intermediates(c, variables, images, cond) for c in (scanned, unrolled)]
-    _close(outs[1].z, outs[0].z)
-    _close(outs[1].logdets, outs[0].logdets)
+    assert_close(outs[1].z, outs[0].z)
+    assert_close(outs[1].logdets, outs[0].logdets)
 
     samplers = [None] + ([flow.JacobiOptions(block_size=4, threshold=0.0, max_iters=4)] if name == "starflow" else [])
     for options in samplers:
         s, u = (flow.sample_tokens(c, variables, noise, cond, jacobi=options)[0] for c in (scanned, unrolled))
-        _close(u, s)
+        assert_close(u, s)
 
     if name == "tarflow":
         def grads(config):
@@ -86,13 +65,13 @@ def test_same_flow_either_way(name):
             return jax.grad(loss)(variables["params"])
 
         for g_u, g_s in zip(jax.tree_util.tree_leaves(grads(unrolled)), jax.tree_util.tree_leaves(grads(scanned))):
-            _close(g_u, g_s)
+            assert_close(g_u, g_s)
 
 
 def test_switch_changes_the_program():
-    scanned, unrolled = _variants("tarflow")
+    scanned, unrolled = both_ways(CONFIGS["tarflow"], "scan_layers")
     variables = jax.eval_shape(lambda: flow.init(scanned, jax.random.PRNGKey(0)))  # lowering needs shapes only
-    images, cond, _ = _inputs(scanned)
+    images, cond, _ = flow_inputs(scanned)
 
     def hlo(config):
         return jax.jit(lambda v, x, c: flow.forward_with_intermediates(config, v, x, c).z).lower(
