@@ -89,9 +89,7 @@ def scans_layers(config: FlowConfig, backend: str | None = None) -> bool:
     (loaded) cores for tarflow-32 and starflow-tiny, while train steps and Jacobi were unchanged
     within noise and compiles took up to ~1.3× longer. Accelerators keep one compiled layer body
     (compile time and code size flat in depth)."""
-    if config.scan_layers is not None:
-        return config.scan_layers
-    return (backend or jax.default_backend()) != "cpu"
+    return _per_backend(config.scan_layers, backend, on_cpu=False)
 
 
 def uses_dense_2d(config: FlowConfig, backend: str | None = None) -> bool:
@@ -101,9 +99,15 @@ def uses_dense_2d(config: FlowConfig, backend: str | None = None) -> bool:
     On CPU, XLA runs the weight gradient of a 3-D dense layer as explicit transposes and a plain dot;
     flattened to 2-D it is one matmul (see ``nn.dense2d`` for the measurement). Accelerators keep XLA's
     own dot_general and its gradients (no reshapes across sharded batch and sequence axes)."""
-    if config.dense_2d is not None:
-        return config.dense_2d
-    return (backend or jax.default_backend()) == "cpu"
+    return _per_backend(config.dense_2d, backend, on_cpu=True)
+
+
+def _per_backend(choice: bool | None, backend: str | None, *, on_cpu: bool) -> bool:
+    """``choice`` when set; None: ``on_cpu`` on CPU, its opposite on accelerators (``backend``: default
+    ``jax.default_backend()`` when the model is traced)."""
+    if choice is not None:
+        return choice
+    return ((backend or jax.default_backend()) == "cpu") == on_cpu
 
 
 def layer_stack(config: FlowConfig, block: BlockConfig) -> nn.Module:

@@ -119,10 +119,10 @@ class FlowConfig:
         _one_of("mlp", self.mlp, ("gelu", "swiglu"))
         _one_of("remat", self.remat, REMAT_POLICIES)
         _one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        if self.scan_layers is not None and not isinstance(self.scan_layers, bool):
-            raise ValueError(f"scan_layers={self.scan_layers!r}: expected True, False or None (per backend)")
-        if self.dense_2d is not None and not isinstance(self.dense_2d, bool):
-            raise ValueError(f"dense_2d={self.dense_2d!r}: expected True, False or None (per backend)")
+        for name in ("scan_layers", "dense_2d"):  # the execution switches: None picks per backend
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r}: expected True, False or None (per backend)")
         if not self.blocks:
             raise ValueError("blocks is empty: a flow needs at least one block")
         if self.in_channels < 1:
