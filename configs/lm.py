@@ -34,7 +34,7 @@ import ml_collections
 
 from starflow2_jax.config_files import parse_preset
 from starflow2_jax.train.config_schema import base_config
-from starflow2_jax.train.tasks.lm import SIZES, vlm_fields
+from starflow2_jax.train.tasks.lm import DIGITS_VISION, SIZES, vlm_fields
 
 PRESETS = SIZES + tuple(f"{size},runlocal" for size in SIZES)
 GRIDS = {"tiny": [2, 2], "demo": [4, 4]}
@@ -48,6 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     lm = c.model.lm
     lm.vlm = ml_collections.ConfigDict({k: list(v) if isinstance(v, tuple) else v for k, v in vlm_fields(size).items()})
     lm.grid = GRIDS[size]
+    # pretrained as a VLM: real train-split digits at the slots, read by a Qwen2.5-VL tower trained along
+    lm.images = "digits"
+    lm.vision = ml_collections.ConfigDict(DIGITS_VISION[size])
     lm.tokenizer = "demo"
     lm.corpus_seed, lm.corpus_documents = 0, 4000
     # demo rows hold the longest documents (4 images of 18 positions and their text: 109)

@@ -4,10 +4,13 @@ The export is what a user's Qwen2.5-VL-7B directory is to STARFlow2: ``config.js
 safetensors (``convert.export_hf_qwen2_5_vl``) and the tokenizer files, loadable by
 ``transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained`` / ``AutoTokenizer`` and by
 ``convert.load_hf_qwen2_5_vl`` (so ``model.starflow2.vlm_checkpoint`` may name it). The text decoder
-is the run's latest complete step (EMA parameters when the run kept them), in float32; the vision
-tower, which the LM never trains, is written as initialised from the run's seed
-(``model.lm.vision``'s sizes). The tokenizer is the run's: the demo tokenizer trained again from the
-corpus and checked against the SHA-256 the run recorded, or the files of its tokenizer directory.
+is the run's latest complete step (EMA parameters when the run kept them), in float32; so is the
+vision tower of a run that trained it (``model.lm.images='digits'``), which also gets a
+``preprocessor_config.json`` (the tower's patch, merge and temporal sizes, 8×8 pixels) with which
+transformers' image processor turns a digit into the pixel values training read; a text-only run's
+tower is written as initialised from the run's seed (``model.lm.vision``'s sizes). The tokenizer is
+the run's: the demo tokenizer trained again from the corpus and checked against the SHA-256 the run
+recorded, or the files of its tokenizer directory.
 
 Every check runs before anything is written, and the output directory appears complete or not at all.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -70,12 +74,17 @@ def export_lm_run(workdir: os.PathLike | str, out_dir: os.PathLike | str) -> dic
     tokenizer = _checked_tokenizer(config)
     restored = restore.restore_workdir(workdir)
     section = restored.config.model.lm
-    text = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), restored.params)
+    params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), restored.params)
     vlm_config = dataclasses.replace(lm.vlm_config_from(section), dtype="float32", remat="none")
     vision_config = lm.vision_config_from(section)
-    vision = init_vision_params(vision_config, jax.random.fold_in(jax.random.key(int(restored.config.seed)),
-                                                                  VISION_SEED_OFFSET))
-    vision = jax.tree.map(lambda x: np.asarray(x, np.float32), vision)
+    trained_tower = section.get("images", "none") == "digits"
+    if trained_tower:
+        text, vision = params["text"], params["vision"]
+    else:
+        text = params
+        vision = init_vision_params(vision_config, jax.random.fold_in(jax.random.key(int(restored.config.seed)),
+                                                                      VISION_SEED_OFFSET))
+        vision = jax.tree.map(lambda x: np.asarray(x, np.float32), vision)
     hf_config = QwenVLConfig(text=vlm_config, vision=vision_config)
     with tempfile.TemporaryDirectory(prefix="lm_tokenizer_") as tmp:
         if section.tokenizer == "demo":
@@ -83,8 +92,24 @@ def export_lm_run(workdir: os.PathLike | str, out_dir: os.PathLike | str) -> dic
             write_tokenizer(tokenizer, tokenizer_dir)
         else:
             tokenizer_dir = Path(section.tokenizer)
+        if trained_tower:  # the processor files beside the tokenizer's (export copies both)
+            staged = Path(tmp) / "with_processor"
+            shutil.copytree(tokenizer_dir, staged)
+            digits_image_processor(vision_config).save_pretrained(str(staged))
+            tokenizer_dir = staged
         export_hf_qwen2_5_vl(hf_config, {"text": text, "vision": vision}, out_dir, tokenizer_dir=tokenizer_dir)
     count = lambda tree: sum(int(np.size(x)) for x in jax.tree.leaves(tree))  # noqa: E731
     return dict(out=os.fspath(out_dir), workdir=os.fspath(workdir), step=int(restored.step),
-                text_parameters=count(text), vision_parameters=count(vision), vocab_size=vlm_config.vocab_size,
-                tokenizer_sha256=lm.tokenizer_sha256(tokenizer))
+                text_parameters=count(text), vision_parameters=count(vision), vision_trained=trained_tower,
+                vocab_size=vlm_config.vocab_size, tokenizer_sha256=lm.tokenizer_sha256(tokenizer))
+
+
+def digits_image_processor(vision_config):
+    """transformers' ``Qwen2VLImageProcessorPil`` for the 8×8 digits: the tower's patch / merge / temporal
+    sizes, min = max = 64 pixels (so a digit is never resized), the default normalisation."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    pixels = lm.DIGIT_SIZE * lm.DIGIT_SIZE
+    return Qwen2VLImageProcessorPil(patch_size=vision_config.patch_size, merge_size=vision_config.spatial_merge_size,
+                                    temporal_patch_size=vision_config.temporal_patch_size, min_pixels=pixels,
+                                    max_pixels=pixels)

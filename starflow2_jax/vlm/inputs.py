@@ -25,6 +25,9 @@ IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 # transformers' Qwen2-VL defaults: 4·28² … 16384·28² pixels (28 = patch 14 × merge 2)
 DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS = 56 * 56, 28 * 28 * 1280
+# the image processor's normalisation (OpenAI CLIP's mean and std per RGB channel, pixels rescaled by 1/255)
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def load_tokenizer(model_dir):
@@ -56,6 +59,34 @@ def process_images(image_processor, images) -> tuple[np.ndarray, np.ndarray]:
     PIL images or HWC uint8 arrays, in order."""
     out = image_processor(images=list(images), return_tensors="np")
     return np.asarray(out["pixel_values"], np.float32), np.asarray(out["image_grid_thw"], np.int64)
+
+
+def pixel_patches(images, vision) -> "jax.Array":
+    """The image processor's ``pixel_values`` of K same-size images, computed with jax (jit-able, so a
+    training step can patchify on the device): images (K, H, W, C) uint8 RGB (or values 0..255) whose H
+    and W are multiples of ``patch_size · spatial_merge_size`` (no resizing) → (K·h·w, C·tp·p·p) float32,
+    image k's rows first, each image's patches in spatial-merge order, every frame repeated
+    ``temporal_patch_size`` times — equal to ``Qwen2VLImageProcessorPil``'s output for such images
+    (grid (1, H/p, W/p) each; ``pixel_grids`` gives the grids). Raises ValueError for other sizes."""
+    import jax.numpy as jnp
+
+    k, height, width, channels = images.shape
+    p, m, tp = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
+    if height % (p * m) or width % (p * m) or channels != len(IMAGE_MEAN) or channels != vision.in_channels:
+        raise ValueError(f"images of shape {tuple(images.shape)}: expected (K, H, W, {vision.in_channels}) RGB with H "
+                         f"and W multiples of patch_size·spatial_merge_size = {p * m}")
+    mean, std = jnp.asarray(IMAGE_MEAN, jnp.float32), jnp.asarray(IMAGE_STD, jnp.float32)
+    x = (jnp.asarray(images, jnp.float32) / 255.0 - mean) / std  # (K, H, W, C)
+    x = jnp.broadcast_to(jnp.moveaxis(x, -1, 1)[:, None], (k, tp, channels, height, width))
+    gh, gw = height // p, width // p
+    x = x.reshape(k, tp, channels, gh // m, m, p, gw // m, m, p)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (K, gh/m, gw/m, m, m, C, tp, p, p)
+    return x.reshape(k * gh * gw, channels * tp * p * p)
+
+
+def pixel_grids(vision, count: int, height: int, width: int) -> np.ndarray:
+    """(count, 3) int64 ``image_grid_thw`` of ``count`` images of height×width pixels (one frame each)."""
+    return np.tile(np.asarray([[1, height // vision.patch_size, width // vision.patch_size]], np.int64), (count, 1))
 
 
 def chat_prompt(tokenizer, text: str, num_images: int = 0, *, system: str | None = None,

@@ -63,9 +63,45 @@ def test_transformers_loads_the_export_and_gives_our_logits(run):
         with torch.no_grad():
             theirs = model(input_ids=torch.tensor([ids]), mm_token_type_ids=torch.zeros(1, len(ids),
                                                                                          dtype=torch.long)).logits
-        mine = vlm.text_forward(text_config, restored.params, np.asarray([ids], np.int32))
+        mine = vlm.text_forward(text_config, restored.params["text"], np.asarray([ids], np.int32))
         np.testing.assert_allclose(np.asarray(mine), theirs.numpy(), atol=1e-4, rtol=0)
     assert tokenizer.eos_token_id == text_config.eos_token_ids[0]
+
+
+def test_transformers_reads_a_digit_through_the_exported_tower_and_processor(run):
+    """A "What digit is this?" document with a real digit: transformers' model and image processor, both
+    loaded from the export, give the trained answer tokens the −log p the run's own training step gives."""
+    from transformers import AutoImageProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from starflow2_jax.data.packing import pack_documents
+    from starflow2_jax.train.loop import resolve_config
+
+    restored = restore_workdir(run["workdir"])
+    config = resolve_config(restored.config)
+    s = config.model.lm
+    task = lm.LMTask.from_config(config)
+    assert task.vision_config is not None  # the tiny preset pretrains a VLM (images 'digits')
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(os.fspath(run["out"]), dtype=torch.float32).eval()
+    processor = AutoImageProcessor.from_pretrained(os.fspath(run["out"]))
+    tokenizer = lm.tokenizer_of(s)
+    layout = lm.LMLayout(task.layout, lambda t: tokenizer.encode(t, add_special_tokens=False).ids, lm.digits_pool())
+    doc = next(d for d in lm.corpus(int(s.corpus_seed), int(s.corpus_documents)) if d.kind == "question")
+    laid = layout(doc, np.random.default_rng(1))
+    assert len(laid["pixels"]) == 1
+    row = pack_documents([laid], lm.packing_spec(task.layout, 16, images=True))
+    ours = jax.jit(task.eval_step)(restored.params, {}, task.prepare_batch({k: v[None] for k, v in row.items()}),
+                                   jax.random.key(0))["ntp_loss"][0]
+    pixels = processor(images=list(laid["pixels"]), return_tensors="pt")
+    ids = torch.from_numpy(laid["tokens"][None].astype(np.int64))
+    with torch.no_grad():
+        logits = model(input_ids=ids, position_ids=torch.from_numpy(np.moveaxis(laid["positions"], -1, 0)[:, None]
+                                                                    .astype(np.int64)),
+                       mm_token_type_ids=(ids == task.vlm_config.image_token_id).long(),
+                       pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"]).logits[0]
+    logp = torch.log_softmax(logits.double(), -1).numpy()
+    trained = np.nonzero(laid["text_loss"])[0]
+    theirs = -np.mean([logp[t, laid["tokens"][t + 1]] for t in trained])
+    np.testing.assert_allclose(float(ours), theirs, rtol=1e-4)
 
 
 def test_load_hf_qwen2_5_vl_gives_the_trained_parameters_bitwise(run):
@@ -74,8 +110,8 @@ def test_load_hf_qwen2_5_vl_gives_the_trained_parameters_bitwise(run):
     assert config.text == lm.vlm_config_from(restored.config.model.lm)
     assert config.vision == lm.vision_config_from(restored.config.model.lm)
     trained = jax.tree_util.tree_flatten_with_path(restored.params)[0]
-    loaded = dict(jax.tree_util.tree_flatten_with_path(params["text"])[0])
-    assert len(trained) == len(loaded)
+    loaded = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    assert len(trained) == len(loaded) and {p[0].key for p, _ in trained} == {"text", "vision"}
     for path, value in trained:
         np.testing.assert_array_equal(np.asarray(loaded[path]), np.asarray(value))
 
@@ -89,7 +125,7 @@ def test_starflow2_stage1_trains_with_the_export_as_its_frozen_vlm(run):
     stored = json.loads((workdir / "config.json").read_text())
     assert stored["frozen"]["vlm"]["source"] == os.fspath(run["out"])
     sf2 = restore_workdir(workdir)
-    trained = restore_workdir(run["workdir"]).params
+    trained = restore_workdir(run["workdir"]).params["text"]
     for a, b in zip(jax.tree.leaves(sf2.extra["vlm"]), jax.tree.leaves(trained)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     run["sf2"] = workdir

@@ -40,33 +40,43 @@ def _config(preset="tiny,runlocal", **fields):
     return config
 
 
-def _torch_model(vlm_config):
+def _torch_model(vlm_config, vision=None):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    vision = QwenVisionConfig(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, window_size=56,
-                              fullatt_block_indexes=(0,), out_hidden_size=vlm_config.hidden_size)
+    vision = vision or QwenVisionConfig(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, window_size=56,
+                                        fullatt_block_indexes=(0,), out_hidden_size=vlm_config.hidden_size)
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QwenVLConfig(vlm_config, vision).to_hf_dict()))
     return model.float().eval()
 
 
-def test_loss_is_transformers_cross_entropy_of_each_packed_document():
+@pytest.mark.parametrize("images", ["none", "digits"])
+def test_loss_is_transformers_cross_entropy_of_each_packed_document(images):
     """Two corpus documents (one with an image) packed in a row: the task's loss is the mean of the trained
-    tokens' −log p that transformers computes for each document alone at the layout's 3D positions."""
-    config = resolve_config(_config())
+    tokens' −log p that transformers computes for each document alone at the layout's 3D positions. With
+    images 'digits', transformers reads each digit through its own image processor and vision tower."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from starflow2_jax.vlm.vision_params import vision_params_from_torch
+
+    config = resolve_config(_config(model__lm__images=images))
     s = config.model.lm
     task = lm.LMTask.from_config(config)
-    model = _torch_model(task.vlm_config)
+    model = _torch_model(task.vlm_config, task.vision_config)
     params = text_params_from_torch(model.state_dict(), task.vlm_config)
+    if images == "digits":
+        params = {"text": params, "vision": vision_params_from_torch(model.state_dict(), task.vision_config)}
     pcfg = lm.layout_config(task.vlm_config, s.grid, int(s.seq_len))
     tokenizer = lm.tokenizer_of(s)
-    layout = lm.LMLayout(pcfg, lambda t: tokenizer.encode(t, add_special_tokens=False).ids)
+    layout = lm.LMLayout(pcfg, lambda t: tokenizer.encode(t, add_special_tokens=False).ids,
+                         lm.digits_pool() if images == "digits" else None)
     documents = [d for d in lm.corpus(int(s.corpus_seed), int(s.corpus_documents)) if d.kind in ("draw", "arithmetic")]
-    laid = [layout(documents[0], None), layout(documents[1], None)]
+    rng = np.random.default_rng(0)
+    laid = [layout(documents[0], rng), layout(documents[1], rng)]
     assert {documents[0].kind, documents[1].kind} == {"draw", "arithmetic"}
     from starflow2_jax.data.packing import pack_documents
 
-    row = pack_documents(laid, lm.packing_spec(pcfg, 16))
+    row = pack_documents(laid, lm.packing_spec(pcfg, 16, images == "digits"))
     batch = task.prepare_batch({k: v[None] for k, v in row.items()})
     loss, metrics = jax.jit(task.loss)(params, {}, batch, jax.random.key(0))
 
@@ -74,9 +84,18 @@ def test_loss_is_transformers_cross_entropy_of_each_packed_document():
     for doc in laid:
         ids = torch.from_numpy(doc["tokens"][None].astype(np.int64))
         positions = torch.from_numpy(np.moveaxis(doc["positions"], -1, 0)[:, None].astype(np.int64))  # (3, 1, T)
+        inputs = dict(input_ids=ids, position_ids=positions, mm_token_type_ids=torch.zeros_like(ids))
+        if images == "digits" and len(doc["pixels"]):
+            v = task.vision_config
+            processor = Qwen2VLImageProcessorPil(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                                                 temporal_patch_size=v.temporal_patch_size, min_pixels=64,
+                                                 max_pixels=64)
+            out = processor(images=list(doc["pixels"]), return_tensors="pt")
+            inputs.update(pixel_values=out["pixel_values"], image_grid_thw=out["image_grid_thw"],
+                          mm_token_type_ids=(ids == task.vlm_config.image_token_id).long())
+            assert out["image_grid_thw"].tolist() == [[1, 8 // v.patch_size, 8 // v.patch_size]] * len(doc["pixels"])
         with torch.no_grad():
-            logits = model(input_ids=ids, position_ids=positions,
-                           mm_token_type_ids=torch.zeros_like(ids)).logits[0].double()
+            logits = model(**inputs).logits[0].double()
         logp = torch.log_softmax(logits, -1).numpy()
         trained = np.nonzero(doc["text_loss"])[0]
         nll += [-logp[t, doc["tokens"][t + 1]] for t in trained]
@@ -114,6 +133,10 @@ def test_bad_config_names_the_field(tmp_path):
         (dict(model__lm__vlm__vocab_size=200), r"has 256 ids; model.lm.vlm.vocab_size=200 is smaller"),
         (dict(model__lm__grid=[2]), r"model.lm.grid=\[2\]: expected \[h, w\]"),
         (dict(model__lm__seq_len=5), r"model.lm.seq_len=5: one image of 2×2 slots"),
+        (dict(model__lm__images="pixels"), r"model.lm.images='pixels': expected one of \('none', 'digits'\)"),
+        (dict(model__lm__grid=[4, 4]), r"patch_size=2 and spatial_merge_size=2 do not read an 8×8 digit as "
+                                       r"model.lm.grid=\[4, 4\]"),
+        (dict(model__lm__vision__out_hidden_size=16), r"model.lm.vision.out_hidden_size=16: expected the text width"),
         (dict(model__lm__tokenizer=os.fspath(tmp_path)), r"no tokenizer.json there"),
         # a document longer than a row: an error from the first batch, before the workdir exists
         (dict(model__lm__seq_len=40), r"model.lm.seq_len=40: a '\w+' document of the corpus does not fit a row"),

@@ -12,12 +12,28 @@ Sequences are exactly what the frozen VLM reads in STARFlow2's stage 1: each doc
 ``<|vision_start|>`` of each image (the model learns where images go); slots never predict. Documents
 are packed into rows of ``model.lm.seq_len`` (``data.packing``; attention stays within a document).
 
+**What the slots hold** (``model.lm.images``):
+
+- ``'none'``: the ``<|image_pad|>`` embedding — a text-only model that learns where images go but never
+  sees one. Params: the text decoder's tree; the export writes the tower as initialised.
+- ``'digits'`` (the demo's): the model is pretrained as a VLM, as Qwen2.5-VL was. Each image of a
+  document is a **real** digit of its class from the embedded digits' train split (``data.digits``'
+  fixed split; drawn anew per epoch; the 297 held-out digits are never used), read by the Qwen2.5-VL
+  vision tower (``vlm.vision``, ``model.lm.vision``'s sizes), whose merged features replace the slot
+  embeddings exactly as ``vlm.forward`` scatters them; tower and decoder train together. Pixels: the
+  8×8 grey digit (0..16) scaled to 0..255 and repeated over RGB, patchified on the device as
+  transformers' image processor does (``vlm.inputs.pixel_patches``), so the export, loaded by
+  transformers with its ``preprocessor_config.json``, reads a digit as training did. The tower's patch
+  and merge sizes must give ``model.lm.grid`` (8 / (patch·merge) per side), so the slots are the merged
+  features in raster order, the layout STARFlow2's slots have. Params: ``{'text': ..., 'vision': ...}``.
+
 Config (``model.lm``):
 
     vlm               dict of vlm.QwenTextConfig fields (default: pretzel.tiny's VLM); its marker ids
                       must be the tokenizer's (checked by ``resolve``)
-    vision            dict of vlm.QwenVisionConfig fields of the tower the export writes, as initialised
-                      (the LM never trains it); out_hidden_size 0 = the text width
+    images            'none' or 'digits': what the slots hold (above)
+    vision            dict of vlm.QwenVisionConfig fields of the tower: trained with images 'digits',
+                      else written by the export as initialised; out_hidden_size 0 = the text width
     tokenizer         'demo' (trained on the corpus at every start, deterministically) or a directory
                       with a Hugging Face tokenizer.json
     tokenizer_sha256  filled by ``resolve``: the SHA-256 of the tokenizer's JSON, checked by the export
@@ -49,6 +65,7 @@ from starflow2_jax import pretzel
 from starflow2_jax.fae.latent_space import PatchesSpace
 from starflow2_jax.parallel import VLM_RULES
 from starflow2_jax.pretzel.losses import token_nll
+from starflow2_jax.pretzel.model import slot_latent_index
 from starflow2_jax.train import config_fields as fields
 from starflow2_jax.train.family import Family
 from starflow2_jax.train.task import TaskBase
@@ -56,12 +73,23 @@ from starflow2_jax.vlm.config import QwenTextConfig, QwenVisionConfig
 from starflow2_jax.vlm.text import QwenTextModel
 
 BATCH_KEYS = ("tokens", "positions", "text_loss", "segment_ids")
+IMAGE_KEYS = ("image_index", "pixels")  # with model.lm.images 'digits'
+IMAGES = ("none", "digits")
+DIGIT_SIZE = 8  # the embedded digits are 8×8
 MARKER_FIELDS = {"<|image_pad|>": "image_token_id", "<|video_pad|>": "video_token_id",
                  "<|vision_start|>": "vision_start_token_id", "<|vision_end|>": "vision_end_token_id"}
 # the tower the export writes (never trained): as small as a valid Qwen2.5-VL tower gets
 TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=0, patch_size=14,
                    spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0])
 
+
+# towers that read the 8×8 digits as STARFlow2's slots (grid = 8 / (patch · merge) per side)
+DIGITS_VISION = {
+    "tiny": dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=0, patch_size=2,
+                 spatial_merge_size=2, temporal_patch_size=2, window_size=8, fullatt_block_indexes=[0]),
+    "demo": dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=0, patch_size=1,
+                 spatial_merge_size=2, temporal_patch_size=2, window_size=8, fullatt_block_indexes=[1]),
+}
 
 SIZES = ("tiny", "demo")
 
@@ -158,6 +186,57 @@ def special_ids(vlm_config: QwenTextConfig) -> dict[str, int]:
     return ids
 
 
+def digits_grid(vision: QwenVisionConfig) -> tuple[int, int]:
+    """The slot grid (h, w) of an 8×8 digit read by ``vision``: 8 / (patch · merge) per side."""
+    side = DIGIT_SIZE // (vision.patch_size * vision.spatial_merge_size)
+    return side, side
+
+
+def check_digits_vision(vision: QwenVisionConfig, grid, text_width: int) -> None:
+    """ValueError (naming the field) unless ``vision`` can read the 8×8 digits as ``grid``'s slots for a text
+    decoder of width ``text_width``."""
+    from starflow2_jax.vlm.vision import check_config
+
+    try:
+        check_config(vision)
+    except ValueError as error:
+        raise ValueError(f"model.lm.vision: {error}") from error
+    if digits_grid(vision) != tuple(grid) or DIGIT_SIZE % (vision.patch_size * vision.spatial_merge_size):
+        raise ValueError(f"model.lm.vision: patch_size={vision.patch_size} and spatial_merge_size="
+                         f"{vision.spatial_merge_size} do not read an 8×8 digit as model.lm.grid={list(grid)} merged "
+                         f"features; expected patch·merge = 8 / grid side")
+    if vision.in_channels != 3:
+        raise ValueError(f"model.lm.vision.in_channels={vision.in_channels}: expected 3 (digits are read as RGB, "
+                         f"as the image processor gives them)")
+    if vision.out_hidden_size != text_width:
+        raise ValueError(f"model.lm.vision.out_hidden_size={vision.out_hidden_size}: expected the text width "
+                         f"{text_width} (or 0)")
+
+
+@functools.lru_cache(maxsize=1)
+def digits_pool():
+    """The embedded digits' train split as a ``data.digits_documents.DigitsPool`` (scikit-learn's arrays and
+    ``data.digits.digits_split_indices``, the split the TFDS builder writes; no files read)."""
+    from sklearn.datasets import load_digits
+
+    from starflow2_jax.data.digits import NUM_CLASSES, digits_split_indices
+    from starflow2_jax.data.digits_documents import DigitsPool
+
+    digits = load_digits()
+    indices = digits_split_indices()["train"]
+    images = digits.images[indices].astype(np.uint8)[..., None]  # (n, 8, 8, 1), grey levels 0..16
+    labels = digits.target[indices].astype(np.int64)
+    return DigitsPool(images, labels, indices, tuple(np.flatnonzero(labels == d) for d in range(NUM_CLASSES)))
+
+
+def digit_rgb(images) -> np.ndarray:
+    """Grey digits (…, 8, 8[, 1]) with levels 0..16 → (…, 8, 8, 3) uint8 0..255 (rounded, grey on RGB)."""
+    grey = np.asarray(images, np.float64)
+    if grey.shape[-1] == 1:
+        grey = grey[..., 0]
+    return np.repeat(np.rint(grey * (255.0 / 16.0)).astype(np.uint8)[..., None], 3, axis=-1)
+
+
 def document_items(document, grid) -> list:
     """A ``demo_text.DemoDocument`` as ``pretzel.layout_document`` items: text trained, images zero
     placeholders (targets: the model learns to open them), chat documents in the chat template."""
@@ -178,29 +257,41 @@ def document_items(document, grid) -> list:
 
 @dataclasses.dataclass
 class LMLayout:
-    """A corpus document → the per-token arrays the packer takes (grain random-map transform)."""
+    """A corpus document → the per-token arrays the packer takes (grain random-map transform). With a
+    ``pool`` (images 'digits') each image is a real digit of its class drawn with ``rng``: ``pixels``
+    (n, 8, 8, 3) uint8, in the document's image order (the layout's ``image_index``)."""
 
     config: pretzel.PretzelConfig
     encode: object
+    pool: object = None  # data.digits_documents.DigitsPool
 
     def __call__(self, document, rng) -> dict[str, np.ndarray]:
-        del rng
+        from starflow2_jax.data.demo_text import DigitImage
+
         try:
             doc = pretzel.layout_document(self.config, document_items(document, self.config.grid),
                                           encode=self.encode)
         except ValueError as error:
             raise ValueError(f"model.lm.seq_len={self.config.seq_len}: a {document.kind!r} document of the corpus "
                              f"does not fit a row: {error}") from error
-        return {k: doc[k] for k in ("tokens", "positions", "text_loss", "image_index", "image_target")}
+        out = {k: doc[k] for k in ("tokens", "positions", "text_loss", "image_index", "image_target")}
+        if self.pool is not None:
+            digits = [x.digit for _, items in document.turns for x in items if isinstance(x, DigitImage)]
+            picked = [self.pool.images[self.pool.pick(d, rng)] for d in digits]
+            out["pixels"] = digit_rgb(np.stack(picked)) if picked else np.zeros((0, DIGIT_SIZE, DIGIT_SIZE, 3),
+                                                                                 np.uint8)
+        return out
 
 
-def packing_spec(pcfg: pretzel.PretzelConfig, bins: int):
-    """The LM's rows: tokens, 3D positions, loss mask (pads: token 0, no loss) and the images' index."""
+def packing_spec(pcfg: pretzel.PretzelConfig, bins: int, images: bool = False):
+    """The LM's rows: tokens, 3D positions, loss mask (pads: token 0, no loss), the images' index and,
+    with ``images``, their pixels (pads: black)."""
     from starflow2_jax.data.packing import PackingSpec
 
+    image_fields = dict(image_target=False, pixels=0) if images else dict(image_target=False)
     return PackingSpec(length=pcfg.seq_len, max_images=pcfg.max_images,
                        token_fields=dict(tokens=0, positions=0, text_loss=False, image_index=-1),
-                       image_fields=dict(image_target=False), bins=int(bins))
+                       image_fields=image_fields, bins=int(bins))
 
 
 def make_train_data(config, workdir: str):
@@ -215,37 +306,54 @@ def make_train_data(config, workdir: str):
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False).ids
 
+    images = s.images == "digits"
     return make_packed_pipeline(list(corpus(int(s.corpus_seed), int(s.corpus_documents))),
-                                spec=packing_spec(pcfg, int(s.packing_bins)), batch_size=int(config.data.batch_size),
-                                seed=int(config.seed), shuffle=True, preprocess=LMLayout(pcfg, encode),
+                                spec=packing_spec(pcfg, int(s.packing_bins), images),
+                                batch_size=int(config.data.batch_size), seed=int(config.seed), shuffle=True,
+                                preprocess=LMLayout(pcfg, encode, digits_pool() if images else None),
                                 num_epochs=None, drop_remainder=True, worker_count=int(config.data.worker_count))
 
 
 # ---- the task ----------------------------------------------------------------------------------
 class LMTask(TaskBase):
-    """A ``Task`` (see ``train.task``): next-token prediction with the Qwen2.5-VL text decoder."""
+    """A ``Task`` (see ``train.task``): next-token prediction with the Qwen2.5-VL text decoder, reading
+    the slots through the vision tower when ``vision_config`` is given (images 'digits')."""
 
     rules = VLM_RULES
 
-    def __init__(self, vlm_config: QwenTextConfig, seq_len: int = 256):
+    def __init__(self, vlm_config: QwenTextConfig, seq_len: int = 256, vision_config: QwenVisionConfig | None = None,
+                 grid=(2, 2)):
         self.vlm_config = vlm_config.validate()
         self.seq_len = int(seq_len)
+        self.vision_config = vision_config
+        self.grid = tuple(int(g) for g in grid)
+        self.layout = layout_config(self.vlm_config, self.grid, self.seq_len)
+        if vision_config is not None:
+            check_digits_vision(vision_config, self.grid, self.vlm_config.hidden_size)
 
     @classmethod
     def from_config(cls, config) -> "LMTask":
-        return cls(vlm_config_from(config.model.lm), int(config.model.lm.seq_len))
+        s = config.model.lm
+        vision = vision_config_from(s) if s.images == "digits" else None
+        return cls(vlm_config_from(s), int(s.seq_len), vision, tuple(s.grid))
 
     def init(self, rng):
         from starflow2_jax.vlm.model import text_init_boxed
 
-        return text_init_boxed(self.vlm_config, rng)["params"], {}
+        text = text_init_boxed(self.vlm_config, rng)["params"]
+        if self.vision_config is None:
+            return text, {}
+        from starflow2_jax.vlm.vision import init_vision_boxed
+
+        return {"text": text, "vision": init_vision_boxed(self.vision_config, jax.random.fold_in(rng, 1))["params"]}, {}
 
     def prepare_batch(self, batch):
-        missing = [k for k in BATCH_KEYS if k not in batch]
+        keys = BATCH_KEYS + (IMAGE_KEYS if self.vision_config is not None else ())
+        missing = [k for k in keys if k not in batch]
         if missing:
             raise ValueError(f"batch lacks {missing} (fields: {sorted(batch)}); expected packed LM rows "
                              f"(train.tasks.lm.make_train_data)")
-        out = {k: np.asarray(batch[k]) for k in BATCH_KEYS}
+        out = {k: np.asarray(batch[k]) for k in keys}
         tokens = out["tokens"]
         if tokens.ndim != 2 or out["positions"].shape != tokens.shape + (3,):
             raise ValueError(f"tokens {tokens.shape} and positions {out['positions'].shape}: expected (B, L) and "
@@ -253,15 +361,46 @@ class LMTask(TaskBase):
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vlm_config.vocab_size):
             raise ValueError(f"token ids in [{tokens.min()}, {tokens.max()}] fall outside the vocabulary "
                              f"[0, {self.vlm_config.vocab_size})")
+        if self.vision_config is not None:
+            pixels = out["pixels"]
+            if pixels.ndim != 5 or pixels.shape[0] != tokens.shape[0] or pixels.shape[2:] != (DIGIT_SIZE, DIGIT_SIZE, 3):
+                raise ValueError(f"pixels {pixels.shape}: expected (B={tokens.shape[0]}, M, {DIGIT_SIZE}, {DIGIT_SIZE}, "
+                                 f"3) uint8 digits")
+            if out["image_index"].shape != tokens.shape:
+                raise ValueError(f"image_index {out['image_index'].shape}: expected {tokens.shape} like tokens")
         return out
+
+    def slot_features(self, vision_params, pixels) -> jax.Array:
+        """pixels (B, M, 8, 8, 3) uint8 → the tower's merged features (B, M·N, text width), image by image,
+        each image's N features in raster order of its slot grid."""
+        from starflow2_jax.vlm.inputs import pixel_grids, pixel_patches
+        from starflow2_jax.vlm.vision import VisionTower, vision_layout
+
+        b, m = pixels.shape[:2]
+        layout = vision_layout(self.vision_config, pixel_grids(self.vision_config, b * m, DIGIT_SIZE, DIGIT_SIZE))
+        patches = pixel_patches(pixels.reshape((b * m,) + pixels.shape[2:]), self.vision_config)
+        features = VisionTower(self.vision_config).apply({"params": vision_params}, patches, *layout.arrays())
+        return features.reshape(b, -1, features.shape[-1])
 
     def _terms(self, params, batch):
         """(B, L) −log p of each trained next token, its mask and whether the arg-max was right."""
         model = QwenTextModel(self.vlm_config)
-        variables = {"params": params}
+        variables = {"params": params if self.vision_config is None else params["text"]}
         positions = jnp.moveaxis(batch["positions"], -1, 0)  # (3, B, L)
-        hidden = model.apply(variables, batch["tokens"], position_ids=positions, segment_ids=batch["segment_ids"],
-                             method=QwenTextModel.hidden_states)
+        if self.vision_config is None:
+            hidden = model.apply(variables, batch["tokens"], position_ids=positions,
+                                 segment_ids=batch["segment_ids"], method=QwenTextModel.hidden_states)
+        else:
+            embeds = model.apply(variables, batch["tokens"], method=QwenTextModel.embed)
+            features = self.slot_features(params["vision"], batch["pixels"])  # (B, M·N, D)
+            slot = batch["image_index"] >= 0
+            m = batch["pixels"].shape[1]
+            index = slot_latent_index(self.layout, slot, batch["image_index"], m)
+            padded = jnp.concatenate([features, jnp.zeros_like(features[:, :1])], axis=1)
+            picked = jnp.take_along_axis(padded, index[..., None], axis=1).astype(embeds.dtype)
+            embeds = jnp.where(slot[..., None], picked, embeds)
+            hidden = model.apply(variables, inputs_embeds=embeds, position_ids=positions,
+                                 segment_ids=batch["segment_ids"], method=QwenTextModel.hidden_states)
         logits = model.apply(variables, hidden, method=QwenTextModel.logits)  # (B, L, V) float32
         mask = batch["text_loss"].astype(bool)
         nll = token_nll(logits, batch["tokens"], mask)
@@ -286,9 +425,13 @@ class LMTask(TaskBase):
     def example_batch(self, batch_size: int) -> dict:
         """A zero packed batch of ``batch_size`` rows of ``model.lm.seq_len`` (for ``starflow2 aot``)."""
         length = self.seq_len
-        return dict(tokens=np.zeros((batch_size, length), np.int32),
-                    positions=np.zeros((batch_size, length, 3), np.int32),
-                    text_loss=np.ones((batch_size, length), bool), segment_ids=np.ones((batch_size, length), np.int32))
+        batch = dict(tokens=np.zeros((batch_size, length), np.int32),
+                     positions=np.zeros((batch_size, length, 3), np.int32),
+                     text_loss=np.ones((batch_size, length), bool), segment_ids=np.ones((batch_size, length), np.int32))
+        if self.vision_config is not None:
+            batch.update(image_index=np.full((batch_size, length), -1, np.int32),
+                         pixels=np.zeros((batch_size, self.layout.max_images, DIGIT_SIZE, DIGIT_SIZE, 3), np.uint8))
+        return batch
 
 
 # ---- the 'lm' family ---------------------------------------------------------------------------
@@ -297,7 +440,7 @@ def add_defaults(config: ml_collections.ConfigDict) -> None:
     vlm = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(pretzel.tiny().vlm).items()
            if k not in ("dtype", "remat")}
     config.model.lm = ml_collections.ConfigDict(dict(
-        vlm=ml_collections.ConfigDict(vlm), vision=ml_collections.ConfigDict(TINY_VISION), tokenizer="demo",
+        vlm=ml_collections.ConfigDict(vlm), images="none", vision=ml_collections.ConfigDict(TINY_VISION), tokenizer="demo",
         tokenizer_sha256="", grid=[2, 2], corpus_seed=0, corpus_documents=4000, seq_len=256, packing_bins=16,
         dtype="float32", remat="none"))
 
@@ -306,6 +449,7 @@ def validate(config) -> None:
     """Checks ``model.lm``; ValueError naming the field."""
     p = "model.lm"
     fields.dict_field(config, f"{p}.vlm", "a dict of vlm.QwenTextConfig fields")
+    fields.choice(config, f"{p}.images", IMAGES)
     fields.dict_field(config, f"{p}.vision", "a dict of vlm.QwenVisionConfig fields")
     fields.string_field(config, f"{p}.tokenizer", "'demo' or a Hugging Face tokenizer directory")
     fields.string_field(config, f"{p}.tokenizer_sha256", "'' (filled by the trainer) or a hex digest")
@@ -327,7 +471,9 @@ def validate(config) -> None:
     if per_image > config.model.lm.seq_len:
         raise ValueError(f"{p}.seq_len={config.model.lm.seq_len}: one image of {grid[0]}×{grid[1]} slots (+2 "
                          f"markers) does not fit a row")
-    vision_config_from(config.model.lm)
+    vision = vision_config_from(config.model.lm)
+    if config.model.lm.images == "digits":
+        check_digits_vision(vision, grid, int(config.model.lm.vlm.hidden_size))
 
 
 def resolve(config) -> None:
