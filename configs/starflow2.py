@@ -73,7 +73,7 @@ NEW_PARTS = {"stage1": (), "stage2": ("adapter/*",), "stage3": ("vlm_to_flow/*",
 PAIRS = {"stage1": "t2i", "stage2": "i2t", "stage3": "mixed"}
 # the digits demo's budget (issue 11: the whole demo in about 12 minutes on 2 CPU cores); stage 2 trains
 # only the adapter, which a frozen language model that never read an image barely uses (see the docstring)
-DEMO_STEPS = {"stage1": 600, "stage2": 50, "stage3": 1000}
+DEMO_STEPS = {"stage1": 600, "stage2": 300, "stage3": 1000}
 
 
 def _vlm(**fields) -> ml_collections.ConfigDict:

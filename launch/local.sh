@@ -499,7 +499,9 @@ s = corpus_summary(demo_corpus(int(lm["corpus_seed"]), int(lm["corpus_documents"
                    encode=lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
                    num_slots=int(lm["grid"][0]) * int(lm["grid"][1]))
 kinds = ", ".join(f"{kind} {count}" for kind, count in s["kinds"].items())
-print(f"[local.sh] demo corpus: {s['documents']} documents ({kinds}), {s['images']} image placeholders, "
+images = ("images (real training digits, drawn anew each epoch, read by the vision tower)"
+          if lm.get("images", "none") == "digits" else "image placeholders")
+print(f"[local.sh] demo corpus: {s['documents']} documents ({kinds}), {s['images']} {images}, "
       f"{s['tokens']} tokens ({s['text_tokens']} of text), {s['words']} words ({s['distinct_words']} distinct); "
       f"vocabulary {tokenizer.get_vocab_size(with_added_tokens=True)} tokens", file=sys.stderr)
 PY

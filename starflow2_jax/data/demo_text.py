@@ -25,7 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -249,12 +249,29 @@ GENERATORS = {"caption": _caption, "draw": _draw, "question": _question, "counti
               "arithmetic": _arithmetic, "interleaved": _interleaved, "next_digit": _next_digit}
 
 
-def demo_corpus(seed: int = 0, num_documents: int = 4000) -> list[DemoDocument]:
+def kind_weights(weights: Mapping[str, float] | None = None) -> dict[str, float]:
+    """``KIND_WEIGHTS`` with the kinds ``weights`` names replaced; ValueError for an unknown kind, a
+    negative or non-numeric weight, or weights that are all zero."""
+    out = dict(KIND_WEIGHTS)
+    for kind, weight in dict(weights or {}).items():
+        if kind not in KINDS:
+            raise ValueError(f"corpus weight of kind {kind!r}: expected kinds of {KINDS}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float, np.integer, np.floating)) or weight < 0:
+            raise ValueError(f"corpus weight {kind}={weight!r}: expected a number >= 0")
+        out[kind] = float(weight)
+    if not sum(out.values()) > 0:
+        raise ValueError(f"corpus weights {out}: at least one must be positive")
+    return out
+
+
+def demo_corpus(seed: int = 0, num_documents: int = 4000, weights: Mapping[str, float] | None = None
+                ) -> list[DemoDocument]:
     """``num_documents`` documents drawn from the templates with ``numpy.random.default_rng(seed)``.
 
-    Kinds are drawn with ``KIND_WEIGHTS``, except that the first ``len(KINDS)`` documents are one of
-    each kind (so every corpus holds every kind). Raises ValueError for a negative seed or fewer than
-    ``len(KINDS)`` documents.
+    Kinds are drawn with ``KIND_WEIGHTS`` (``weights`` replaces the weights of the kinds it names),
+    except that the first ``len(KINDS)`` documents are one of each kind (so every corpus holds every
+    kind). Raises ValueError for a negative seed, fewer than ``len(KINDS)`` documents, or weights of
+    unknown kinds, negative or all zero.
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"demo corpus seed={seed!r}: expected an int >= 0")
@@ -263,7 +280,7 @@ def demo_corpus(seed: int = 0, num_documents: int = 4000) -> list[DemoDocument]:
         raise ValueError(f"demo corpus num_documents={num_documents!r}: expected an int >= {len(KINDS)} (one "
                          f"document of each kind)")
     rng = np.random.default_rng(int(seed))
-    weights = np.asarray([KIND_WEIGHTS[k] for k in KINDS])
+    weights = np.asarray([kind_weights(weights)[k] for k in KINDS])
     kinds = list(KINDS) + [KINDS[i] for i in rng.choice(len(KINDS), size=int(num_documents) - len(KINDS),
                                                         p=weights / weights.sum())]
     return [GENERATORS[kind](rng) for kind in kinds]

@@ -165,9 +165,29 @@ def test_marker_ids_agree_with_the_model_configs():
         assert {k: values[k] for k in fields} == fields, spec
 
 
+def test_corpus_weights_replace_the_kinds_they_name():
+    """Kind shares follow the weights: counted against the expected shares (binomial, 5 sigma)."""
+    n = 4000
+    for weights in ({}, {"question": 6.0, "caption": 6.0, "next_digit": 3.0}, {"counting": 0.0}):
+        expected = dict(dt.KIND_WEIGHTS, **weights)
+        total = sum(expected.values())
+        corpus = dt.demo_corpus(seed=5, num_documents=n, weights=weights)
+        counts = {k: sum(d.kind == k for d in corpus[len(dt.KINDS):]) for k in dt.KINDS}
+        for kind, weight in expected.items():
+            p, m = weight / total, n - len(dt.KINDS)
+            assert abs(counts[kind] - p * m) <= 5 * np.sqrt(m * p * (1 - p)) + 1e-9, (weights, kind, counts)
+    assert dt.demo_corpus(seed=5, num_documents=50, weights={}) == dt.demo_corpus(seed=5, num_documents=50)
+
+
 def test_bad_input_names_the_value():
     with pytest.raises(ValueError, match=r"num_documents=3: expected an int >= 7"):
         dt.demo_corpus(0, 3)
+    with pytest.raises(ValueError, match=r"corpus weight of kind 'poem': expected kinds of"):
+        dt.demo_corpus(0, 10, weights={"poem": 1.0})
+    with pytest.raises(ValueError, match=r"corpus weight question=-1.0: expected a number >= 0"):
+        dt.demo_corpus(0, 10, weights={"question": -1.0})
+    with pytest.raises(ValueError, match=r"at least one must be positive"):
+        dt.demo_corpus(0, 10, weights={k: 0.0 for k in dt.KINDS})
     with pytest.raises(ValueError, match=r"seed=-1"):
         dt.demo_corpus(-1, 10)
     with pytest.raises(ValueError, match=r"num_slots=0"):

@@ -139,8 +139,9 @@ def test_a_new_demo_writes_its_manifest_then_trains_stage0_exports_it_and_trains
     assert f"a new STARFlow2 digits demo (size runlocal) in {workdir}" in first.stderr
     assert _train_starts(first.stderr) == {"stage0": "starting from scratch", "stage1": "starting from scratch"}
     # the corpus line the demo prints (from the export's tokenizer) says what stage 0's trainer logged
-    shown = re.search(r"^\[local.sh\] demo corpus: (\d+) documents \(.*\), (\d+) image placeholders, (\d+) tokens "
-                      r"\((\d+) of text\), .*; vocabulary (\d+) tokens$", first.stderr, re.MULTILINE)
+    shown = re.search(r"^\[local.sh\] demo corpus: (\d+) documents \(.*\), (\d+) images \(real training digits, "
+                      r"drawn anew each epoch, read by the vision tower\), (\d+) tokens \((\d+) of text\), .*; "
+                      r"vocabulary (\d+) tokens$", first.stderr, re.MULTILINE)
     logged = json.loads(re.search(r"\] corpus: (\{.*\})$", first.stderr, re.MULTILINE)[1])
     assert shown, first.stderr[-4000:]
     assert [int(x) for x in shown.groups()] == [logged[k] for k in ("documents", "images", "tokens", "text_tokens",

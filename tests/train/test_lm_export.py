@@ -44,7 +44,7 @@ def run(tmp_path_factory):
 
 def _corpus_sample(restored):
     s = restored.config.model.lm
-    return [d for d in lm.corpus(int(s.corpus_seed), int(s.corpus_documents)) if d.kind in ("counting", "question")
+    return [d for d in lm.corpus_of(s) if d.kind in ("counting", "question")
             and not d.digits][:2]
 
 
@@ -85,7 +85,7 @@ def test_transformers_reads_a_digit_through_the_exported_tower_and_processor(run
     processor = AutoImageProcessor.from_pretrained(os.fspath(run["out"]))
     tokenizer = lm.tokenizer_of(s)
     layout = lm.LMLayout(task.layout, lambda t: tokenizer.encode(t, add_special_tokens=False).ids, lm.digits_pool())
-    doc = next(d for d in lm.corpus(int(s.corpus_seed), int(s.corpus_documents)) if d.kind == "question")
+    doc = next(d for d in lm.corpus_of(s) if d.kind == "question")
     laid = layout(doc, np.random.default_rng(1))
     assert len(laid["pixels"]) == 1
     row = pack_documents([laid], lm.packing_spec(task.layout, 16, images=True))

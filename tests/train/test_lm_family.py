@@ -70,7 +70,7 @@ def test_loss_is_transformers_cross_entropy_of_each_packed_document(images):
     tokenizer = lm.tokenizer_of(s)
     layout = lm.LMLayout(pcfg, lambda t: tokenizer.encode(t, add_special_tokens=False).ids,
                          lm.digits_pool() if images == "digits" else None)
-    documents = [d for d in lm.corpus(int(s.corpus_seed), int(s.corpus_documents)) if d.kind in ("draw", "arithmetic")]
+    documents = [d for d in lm.corpus_of(s) if d.kind in ("draw", "arithmetic")]
     rng = np.random.default_rng(0)
     laid = [layout(documents[0], rng), layout(documents[1], rng)]
     assert {documents[0].kind, documents[1].kind} == {"draw", "arithmetic"}
@@ -137,6 +137,8 @@ def test_bad_config_names_the_field(tmp_path):
         (dict(model__lm__grid=[4, 4]), r"patch_size=2 and spatial_merge_size=2 do not read an 8×8 digit as "
                                        r"model.lm.grid=\[4, 4\]"),
         (dict(model__lm__vision__out_hidden_size=16), r"model.lm.vision.out_hidden_size=16: expected the text width"),
+        (dict(model__lm__corpus_weights={"poem": 1.0}), r"model.lm.corpus_weights=\{'poem': 1.0\}: corpus weight "
+                                                       r"of kind 'poem'"),
         (dict(model__lm__tokenizer=os.fspath(tmp_path)), r"no tokenizer.json there"),
         # a document longer than a row: an error from the first batch, before the workdir exists
         (dict(model__lm__seq_len=40), r"model.lm.seq_len=40: a '\w+' document of the corpus does not fit a row"),
@@ -177,6 +179,45 @@ def test_corpus_summary_counts_the_rows_tokens():
     tokenizer = lm.tokenizer_of(s)
     layout = lm.LMLayout(lm.layout_config(lm.vlm_config_from(s), s.grid, 2048),
                          lambda t: tokenizer.encode(t, add_special_tokens=False).ids)
-    documents = lm.corpus(int(s.corpus_seed), int(s.corpus_documents))
+    documents = lm.corpus_of(s)
     assert summary["tokens"] == sum(len(layout(d, None)["tokens"]) for d in documents)
     assert summary["documents"] == 300 and summary["vocab_size"] == 256
+
+
+def test_digits_layout_fills_each_image_with_a_training_digit_of_its_class():
+    """images 'digits': every image of a document is a train-split digit of the class it names (found by
+    exact lookup among the split's pixels), scaled to 0..255 on RGB, in the document's image order."""
+    from sklearn.datasets import load_digits
+
+    from starflow2_jax.data.digits import digits_split_indices
+
+    config = resolve_config(_config())
+    s = config.model.lm
+    task = lm.LMTask.from_config(config)
+    tokenizer = lm.tokenizer_of(s)
+    layout = lm.LMLayout(task.layout, lambda t: tokenizer.encode(t, add_special_tokens=False).ids, lm.digits_pool())
+    digits = load_digits()
+    train = digits_split_indices()["train"]
+    lookup = {np.rint(digits.images[i] * 255 / 16).astype(np.uint8).tobytes(): int(digits.target[i]) for i in train}
+    rng = np.random.default_rng(0)
+    documents = [d for d in lm.corpus_of(s) if len(d.digits) >= 2][:20]
+    assert documents
+    for document in documents:
+        pixels = layout(document, rng)["pixels"]
+        assert pixels.dtype == np.uint8 and pixels.shape == (len(document.digits), 8, 8, 3)
+        assert np.array_equal(pixels[..., 0], pixels[..., 2])
+        assert [lookup[p[..., 0].tobytes()] for p in pixels] == list(document.digits)
+
+
+def test_augment_digit_is_scipys_zero_filled_shift_then_bounded_noise():
+    from scipy import ndimage
+
+    image = np.random.default_rng(3).integers(0, 17, (8, 8)).astype(np.float64)
+    for seed in range(12):
+        dy, dx = np.random.default_rng(seed).integers(-2, 3, size=2)
+        shifted = lm.augment_digit(image, np.random.default_rng(seed), shift=2)
+        np.testing.assert_array_equal(shifted, ndimage.shift(image, (dy, dx), order=0, cval=0.0))
+    noisy = lm.augment_digit(image, np.random.default_rng(0), noise=True)
+    assert np.all(np.abs(noisy - image) <= 0.5) and noisy.min() >= 0 and noisy.max() <= 16
+    assert 0 < np.abs(noisy - image).mean() < 0.5
+    np.testing.assert_array_equal(lm.augment_digit(image[..., None], np.random.default_rng(0)), image)

@@ -32,13 +32,17 @@ Config (``model.lm``):
     vlm               dict of vlm.QwenTextConfig fields (default: pretzel.tiny's VLM); its marker ids
                       must be the tokenizer's (checked by ``resolve``)
     images            'none' or 'digits': what the slots hold (above)
+    image_shift       with 'digits': each image translated by up to this many pixels (0..2, uniform per
+                      axis, zero fill; ``augment_digit``) — the tower otherwise memorises the 1500 digits
+    image_noise       with 'digits': each pixel's level dequantised by U(−½, ½) (stages 1–3's noise)
     vision            dict of vlm.QwenVisionConfig fields of the tower: trained with images 'digits',
                       else written by the export as initialised; out_hidden_size 0 = the text width
     tokenizer         'demo' (trained on the corpus at every start, deterministically) or a directory
                       with a Hugging Face tokenizer.json
     tokenizer_sha256  filled by ``resolve``: the SHA-256 of the tokenizer's JSON, checked by the export
     grid              [h, w]: the slot grid of one image (N = h·w slots; the demo: 8×8)
-    corpus_seed, corpus_documents   the corpus (``demo_text.demo_corpus``)
+    corpus_seed, corpus_documents, corpus_weights   the corpus (``demo_text.demo_corpus``; corpus_weights
+                      replaces ``demo_text.KIND_WEIGHTS`` for the kinds it names, {} = none)
     seq_len, packing_bins           packed rows
     dtype, remat      compute dtype and remat policy of the decoder
 
@@ -142,24 +146,32 @@ def layout_config(vlm_config: QwenTextConfig, grid, seq_len: int) -> pretzel.Pre
 
 
 @functools.lru_cache(maxsize=4)
-def corpus(seed: int, documents: int) -> tuple:
-    """The demo corpus of ``model.lm.corpus_seed`` / ``corpus_documents`` (cached per process)."""
+def corpus(seed: int, documents: int, weights: tuple = ()) -> tuple:
+    """The demo corpus of ``model.lm.corpus_seed`` / ``corpus_documents`` / ``corpus_weights`` (as sorted
+    (kind, weight) pairs; cached per process)."""
     from starflow2_jax.data.demo_text import demo_corpus
 
-    return tuple(demo_corpus(int(seed), int(documents)))
+    return tuple(demo_corpus(int(seed), int(documents), dict(weights)))
+
+
+def corpus_of(section) -> tuple:
+    """The corpus ``model.lm`` describes."""
+    weights = tuple(sorted((str(k), float(v)) for k, v in dict(section.get("corpus_weights", {}) or {}).items()))
+    return corpus(int(section.corpus_seed), int(section.corpus_documents), weights)
 
 
 @functools.lru_cache(maxsize=4)
-def _demo_tokenizer(seed: int, documents: int):
+def _demo_tokenizer(seed: int, documents: int, weights: tuple = ()):
     from starflow2_jax.data.demo_tokenizer import demo_tokenizer
 
-    return demo_tokenizer(corpus(seed, documents))
+    return demo_tokenizer(corpus(seed, documents, weights))
 
 
 def tokenizer_of(section):
     """The ``tokenizers.Tokenizer`` of ``model.lm.tokenizer`` ('demo': trained on the corpus)."""
     if section.tokenizer == "demo":
-        return _demo_tokenizer(int(section.corpus_seed), int(section.corpus_documents))
+        weights = tuple(sorted((str(k), float(v)) for k, v in dict(section.get("corpus_weights", {}) or {}).items()))
+        return _demo_tokenizer(int(section.corpus_seed), int(section.corpus_documents), weights)
     import os
 
     import tokenizers
@@ -229,6 +241,22 @@ def digits_pool():
     return DigitsPool(images, labels, indices, tuple(np.flatnonzero(labels == d) for d in range(NUM_CLASSES)))
 
 
+def augment_digit(image, rng: np.random.Generator, *, shift: int = 0, noise: bool = False) -> np.ndarray:
+    """A grey digit (8, 8[, 1]) with levels 0..16 → float64 (8, 8): translated by (dy, dx), each drawn
+    uniformly from [−shift, shift] (the pixels moved in are 0), then with ``noise`` each pixel's level v
+    dequantised to v + U(−½, ½), clipped to [0, 16]. Draws from ``rng`` only what it uses."""
+    grey = np.asarray(image, np.float64).reshape(DIGIT_SIZE, DIGIT_SIZE)
+    if shift:
+        dy, dx = (int(v) for v in rng.integers(-shift, shift + 1, size=2))
+        moved = np.zeros_like(grey)
+        moved[max(dy, 0):DIGIT_SIZE + min(dy, 0), max(dx, 0):DIGIT_SIZE + min(dx, 0)] = \
+            grey[max(-dy, 0):DIGIT_SIZE + min(-dy, 0), max(-dx, 0):DIGIT_SIZE + min(-dx, 0)]
+        grey = moved
+    if noise:
+        grey = np.clip(grey + rng.uniform(-0.5, 0.5, grey.shape), 0.0, 16.0)
+    return grey
+
+
 def digit_rgb(images) -> np.ndarray:
     """Grey digits (…, 8, 8[, 1]) with levels 0..16 → (…, 8, 8, 3) uint8 0..255 (rounded, grey on RGB)."""
     grey = np.asarray(images, np.float64)
@@ -264,6 +292,8 @@ class LMLayout:
     config: pretzel.PretzelConfig
     encode: object
     pool: object = None  # data.digits_documents.DigitsPool
+    shift: int = 0  # augment_digit's
+    noise: bool = False
 
     def __call__(self, document, rng) -> dict[str, np.ndarray]:
         from starflow2_jax.data.demo_text import DigitImage
@@ -277,7 +307,8 @@ class LMLayout:
         out = {k: doc[k] for k in ("tokens", "positions", "text_loss", "image_index", "image_target")}
         if self.pool is not None:
             digits = [x.digit for _, items in document.turns for x in items if isinstance(x, DigitImage)]
-            picked = [self.pool.images[self.pool.pick(d, rng)] for d in digits]
+            picked = [augment_digit(self.pool.images[self.pool.pick(d, rng)], rng, shift=self.shift, noise=self.noise)
+                      for d in digits]
             out["pixels"] = digit_rgb(np.stack(picked)) if picked else np.zeros((0, DIGIT_SIZE, DIGIT_SIZE, 3),
                                                                                  np.uint8)
         return out
@@ -307,10 +338,11 @@ def make_train_data(config, workdir: str):
         return tokenizer.encode(text, add_special_tokens=False).ids
 
     images = s.images == "digits"
-    return make_packed_pipeline(list(corpus(int(s.corpus_seed), int(s.corpus_documents))),
+    return make_packed_pipeline(list(corpus_of(s)),
                                 spec=packing_spec(pcfg, int(s.packing_bins), images),
                                 batch_size=int(config.data.batch_size), seed=int(config.seed), shuffle=True,
-                                preprocess=LMLayout(pcfg, encode, digits_pool() if images else None),
+                                preprocess=LMLayout(pcfg, encode, digits_pool() if images else None,
+                                                    int(s.image_shift), bool(s.image_noise)),
                                 num_epochs=None, drop_remainder=True, worker_count=int(config.data.worker_count))
 
 
@@ -377,9 +409,13 @@ class LMTask(TaskBase):
         from starflow2_jax.vlm.vision import VisionTower, vision_layout
 
         b, m = pixels.shape[:2]
-        layout = vision_layout(self.vision_config, pixel_grids(self.vision_config, b * m, DIGIT_SIZE, DIGIT_SIZE))
+        # one image's layout, the tower vmapped over the B·M images: attention within each image only,
+        # where the concatenated layout would attend over all B·M·64 patches through segment masks
+        layout = vision_layout(self.vision_config, pixel_grids(self.vision_config, 1, DIGIT_SIZE, DIGIT_SIZE))
         patches = pixel_patches(pixels.reshape((b * m,) + pixels.shape[2:]), self.vision_config)
-        features = VisionTower(self.vision_config).apply({"params": vision_params}, patches, *layout.arrays())
+        patches = patches.reshape(b * m, layout.num_patches, -1)
+        tower = VisionTower(self.vision_config)
+        features = jax.vmap(lambda x: tower.apply({"params": vision_params}, x, *layout.arrays()))(patches)
         return features.reshape(b, -1, features.shape[-1])
 
     def _terms(self, params, batch):
@@ -440,9 +476,9 @@ def add_defaults(config: ml_collections.ConfigDict) -> None:
     vlm = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(pretzel.tiny().vlm).items()
            if k not in ("dtype", "remat")}
     config.model.lm = ml_collections.ConfigDict(dict(
-        vlm=ml_collections.ConfigDict(vlm), images="none", vision=ml_collections.ConfigDict(TINY_VISION), tokenizer="demo",
-        tokenizer_sha256="", grid=[2, 2], corpus_seed=0, corpus_documents=4000, seq_len=256, packing_bins=16,
-        dtype="float32", remat="none"))
+        vlm=ml_collections.ConfigDict(vlm), images="none", vision=ml_collections.ConfigDict(TINY_VISION),
+        tokenizer="demo", tokenizer_sha256="", grid=[2, 2], corpus_seed=0, corpus_documents=4000,
+        corpus_weights=ml_collections.ConfigDict(), image_shift=0, image_noise=False, seq_len=256, packing_bins=16, dtype="float32", remat="none"))
 
 
 def validate(config) -> None:
@@ -451,6 +487,10 @@ def validate(config) -> None:
     fields.dict_field(config, f"{p}.vlm", "a dict of vlm.QwenTextConfig fields")
     fields.choice(config, f"{p}.images", IMAGES)
     fields.dict_field(config, f"{p}.vision", "a dict of vlm.QwenVisionConfig fields")
+    if fields.int_field(config, f"{p}.image_shift", 0) > 2:
+        raise ValueError(f"{p}.image_shift={config.model.lm.image_shift}: expected 0..2 pixels (an 8×8 digit)")
+    if not isinstance(fields.get(config, f"{p}.image_noise"), bool):
+        raise ValueError(f"{p}.image_noise={config.model.lm.image_noise!r}: expected True or False")
     fields.string_field(config, f"{p}.tokenizer", "'demo' or a Hugging Face tokenizer directory")
     fields.string_field(config, f"{p}.tokenizer_sha256", "'' (filled by the trainer) or a hex digest")
     grid = fields.get(config, f"{p}.grid")
@@ -459,6 +499,13 @@ def validate(config) -> None:
         raise ValueError(f"{p}.grid={grid!r}: expected [h, w], two positive ints (the slot grid of an image)")
     fields.int_field(config, f"{p}.corpus_seed", 0)
     fields.int_field(config, f"{p}.corpus_documents", 7)
+    fields.dict_field(config, f"{p}.corpus_weights", "a dict {kind: weight} (demo_text.KINDS)")
+    from starflow2_jax.data.demo_text import kind_weights
+
+    try:
+        kind_weights(dict(config.model.lm.corpus_weights))
+    except ValueError as error:
+        raise ValueError(f"{p}.corpus_weights={dict(config.model.lm.corpus_weights)}: {error}") from error
     fields.int_field(config, f"{p}.seq_len", 1)
     fields.int_field(config, f"{p}.packing_bins", 1)
     fields.choice(config, f"{p}.dtype", fields.DTYPES)
@@ -516,7 +563,7 @@ def corpus_summary(config) -> dict:
 
     s = config.model.lm
     tokenizer = tokenizer_of(s)
-    out = summary(corpus(int(s.corpus_seed), int(s.corpus_documents)),
+    out = summary(corpus_of(s),
                   encode=lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
                   num_slots=int(s.grid[0]) * int(s.grid[1]))
     out["vocab_size"] = tokenizer.get_vocab_size(with_added_tokens=True)
