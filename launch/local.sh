@@ -495,7 +495,7 @@ root = sys.argv[1]
 with open(os.path.join(root, "stage0", "config.json"), encoding="utf-8") as f:
     lm = json.load(f)["model"]["lm"]
 tokenizer = Tokenizer.from_file(os.path.join(root, "stage0_hf", "tokenizer.json"))
-s = corpus_summary(demo_corpus(int(lm["corpus_seed"]), int(lm["corpus_documents"])),
+s = corpus_summary(demo_corpus(int(lm["corpus_seed"]), int(lm["corpus_documents"]), lm.get("corpus_weights") or {}),
                    encode=lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
                    num_slots=int(lm["grid"][0]) * int(lm["grid"][1]))
 kinds = ", ".join(f"{kind} {count}" for kind, count in s["kinds"].items())

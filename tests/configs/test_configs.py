@@ -55,9 +55,14 @@ def test_every_preset_loads_validates_and_builds_its_task(name, preset):
     elif config.model.family == "fae":
         params, extra = jax.eval_shape(task.init, jax.random.key(0))  # shapes only: no memory for g/14
         assert set(params) == {"encoder", "feature_decoder", "pixel_decoder", "discriminator"}
-    elif config.model.family == "lm":  # the Qwen2.5-VL text decoder alone
+    elif config.model.family == "lm":  # the Qwen2.5-VL text decoder, with its vision tower when it reads digits
         params, extra = jax.eval_shape(task.init, jax.random.key(0))
-        assert set(params) == {"embed_tokens", "layers", "final_norm", "lm_head"} and not extra
+        text = {"embed_tokens", "layers", "final_norm", "lm_head"}
+        if config.model.lm.images == "digits":
+            assert set(params) == {"text", "vision"} and set(params["text"]) == text and not extra
+            assert set(params["vision"]) == {"patch_embed", "layers", "merger"}
+        else:
+            assert set(params) == text and not extra
     else:  # starflow2: the stage's switches decide which trainable parts exist (SPEC §5.1)
         params, extra = jax.eval_shape(task.init, jax.random.key(0))  # shapes only: no memory for 7b
         stage = config.model.starflow2.stage
