@@ -51,6 +51,7 @@ class FlowLayer(nn.Module):
 
     config: FlowConfig
     block: BlockConfig
+    cache_layout: str = "bshd"  # of ``kv``: see ``nn.Attention``
 
     @nn.compact
     def __call__(self, h, kv, angles, index, temperature, segment_ids=None, key_mask=None):
@@ -63,7 +64,8 @@ class FlowLayer(nn.Module):
         y = attn_norm(h) if attn_norm is not None else h
         y, kv = Attention(num_heads=b.num_heads, num_kv_heads=b.num_kv_heads, head_dim=b.head_dim,
                           out_features=b.width, use_bias=cfg.use_bias, qk_norm=cfg.qk_norm,
-                          qk_norm_eps=cfg.rmsnorm_eps, mask="causal", dtype=dtype, dense_2d=flat, name="attn")(
+                          qk_norm_eps=cfg.rmsnorm_eps, mask="causal", dtype=dtype, dense_2d=flat,
+                          cache_layout=self.cache_layout, name="attn")(
             y, angles=angles, kv=kv, index=index, temperature=temperature, segment_ids=segment_ids,
             key_mask=key_mask)
         if cfg.post_norm:
@@ -270,25 +272,39 @@ class AFBlock(nn.Module):
         return self.head(h), KVCache(k=k, v=v, index=cache.index + inp.shape[1])
 
     def step_unstacked(self, inp, labels, caches: tuple[KVCache, ...], layer_params, temperature=None):
-        """``step`` with one cache (B, S, Hkv, hd) per layer and the layers' params given unstacked
-        (``unstack_layers``) → (head outputs (B, Q, 2d|d), per-layer caches).
+        """``step`` with one cache per layer (any ``KVCache`` layout) and the layers' params given
+        unstacked (``unstack_layers``) → (head outputs (B, Q, 2d|d), per-layer caches).
 
         The same computation as ``step`` through unrolled layers, for a sampling loop: with the params
         sliced once before the loop and one cache array per layer, each step writes its keys in place
         instead of slicing every weight and cache out of the stacked arrays and concatenating the
-        caches back (measured on CPU: the stacked form copies every cache about four times per token).
+        caches back (on CPU the stacked form copied every cache about four times per token).
         """
+        index = caches[0].index
+        h, angles = self._step_inputs(inp, labels, index, caches[0].length)
+        h, caches = self._layers_unstacked(h, caches, layer_params, angles, index, temperature)
+        return self.head(h), caches
+
+    def prefill_text_unstacked(self, text, caches: tuple[KVCache, ...], layer_params,
+                               temperature=None) -> tuple[KVCache, ...]:
+        """``prefill_text`` into one cache per layer (see ``step_unstacked``)."""
+        e = self.proj_txt(text.astype(compute_dtype(self.config)))
+        angles = self.rope_table()
+        angles = None if angles is None else angles[: self.prefix_len]
+        _, caches = self._layers_unstacked(e, caches, layer_params, angles, caches[0].index, temperature)
+        return caches
+
+    def _layers_unstacked(self, h, caches, layer_params, angles, index, temperature):
+        """The layers one by one, layer i with ``layer_params[i]`` and ``caches[i]`` → (h, caches)."""
         if len(caches) != self.block.num_layers or len(layer_params) != self.block.num_layers:
             raise ValueError(f"block {self.block_index} has {self.block.num_layers} layers: got {len(caches)} "
                              f"caches and {len(layer_params)} layer params")
-        index = caches[0].index
-        h, angles = self._step_inputs(inp, labels, index, caches[0].length)
-        layer = FlowLayer(self.config, self.block, parent=None)  # unbound: applied with each layer's params
         new = []
         for params, cache in zip(layer_params, caches):
+            layer = FlowLayer(self.config, self.block, cache_layout=cache.layout, parent=None)  # unbound
             h, (k, v) = layer.apply({"params": params}, h, (cache.k, cache.v), angles, index, temperature)
-            new.append(KVCache(k=k, v=v, index=index + inp.shape[1]))
-        return self.head(h), tuple(new)
+            new.append(cache.replace(k=k, v=v, index=index + h.shape[1]))
+        return h, tuple(new)
 
     def _step_inputs(self, inp, labels, index, length: int):
         """Embedded inputs (B, Q, D) of Q new inputs (B, Q, d) at cache slot ``index`` of ``length``,

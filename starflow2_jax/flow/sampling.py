@@ -92,18 +92,24 @@ def _invert_block(config: FlowConfig, k: int, block_params, x, labels, text, unc
     num_chunks = math.ceil(steps / n)
     padded = num_chunks * n
     prefix = config.text_len if block_cfg.text_conditioned else 0
-    cache = KVCache.create(rows, prefix + padded, block_cfg.num_kv_heads, block_cfg.head_dim,
-                           num_layers=block_cfg.num_layers, dtype=compute_dtype(config))
-    if prefix:
-        cache = call(AFBlock.prefill_text, text_k, cache, temperature)
+    length = prefix + padded
     if scans_layers(config):  # one rolled layer body: stacked params and caches, sliced inside the loop
+        cache = KVCache.create(rows, length, block_cfg.num_kv_heads, block_cfg.head_dim,
+                               num_layers=block_cfg.num_layers, dtype=compute_dtype(config))
+        if prefix:
+            cache = call(AFBlock.prefill_text, text_k, cache, temperature)
         step = functools.partial(call, AFBlock.step)
     else:
-        # Unrolled layers: slice the params once, here, and keep one cache per layer in the loop state
-        # (AFBlock.step_unstacked). The barrier keeps XLA from sinking the slices back into the loop
-        # body (it sinks cheap loop-invariant ops), where they would copy every weight at every step.
+        # Unrolled layers (AFBlock.step_unstacked): the params sliced once, here, and one cache per layer
+        # in the loop state, heads-major (B, Hkv, S, hd) so that the attention products read it as it
+        # lies. The barrier keeps XLA from sinking the slices back into the loop body (it sinks cheap
+        # loop-invariant ops), where they would copy every weight at every step.
         layer_params = jax.lax.optimization_barrier(unstack_layers(block_params["layers"], block_cfg.num_layers))
-        cache = tuple(KVCache(k=cache.k[i], v=cache.v[i], index=cache.index) for i in range(block_cfg.num_layers))
+        cache = tuple(KVCache.create(rows, length, block_cfg.num_kv_heads, block_cfg.head_dim,
+                                     dtype=compute_dtype(config), layout="bhsd")
+                      for _ in range(block_cfg.num_layers))
+        if prefix:
+            cache = call(AFBlock.prefill_text_unstacked, text_k, cache, layer_params, temperature)
         step = lambda inp, labels, cache, temperature: call(  # noqa: E731
             AFBlock.step_unstacked, inp, labels, cache, layer_params, temperature)
 
