@@ -6,7 +6,13 @@ point x = μ(x) + σ(x)·z. Sequential sampling is the special case ``block_size
 (one exact step per position). Jacobi stops a chunk when the batch-global relative change
 sum((new − old)²) / sum(new²) falls below ``threshold`` (or after ``max_iters``), rewinding the KV
 cache between iterations; on convergence the cache keeps the keys of the last iterate's inputs,
-exactly as ml-starflow does.
+exactly as ml-starflow does. With one iteration (sequential) a chunk is one pass, no while loop.
+
+Where the layers are unrolled (``flow.block.scans_layers`` False: the CPU default) the loop state
+holds one heads-major cache per layer and the per-layer params are sliced once before the loops
+(``AFBlock.step_unstacked``); measured on 2 loaded CPU cores in one process, alternating, same
+weights, this and the loop-free sequential pass took tarflow-32's sequential sampling from 134 to 57
+ms per batch of 16 (Jacobi 120 → 111 ms). Rolled layers keep the stacked cache.
 """
 
 from __future__ import annotations
