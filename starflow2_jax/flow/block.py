@@ -51,6 +51,7 @@ class FlowLayer(nn.Module):
 
     config: FlowConfig
     block: BlockConfig
+    cache_layout: str = "bshd"  # of ``kv``: see ``nn.Attention``
 
     @nn.compact
     def __call__(self, h, kv, angles, index, temperature, segment_ids=None, key_mask=None):
@@ -63,7 +64,8 @@ class FlowLayer(nn.Module):
         y = attn_norm(h) if attn_norm is not None else h
         y, kv = Attention(num_heads=b.num_heads, num_kv_heads=b.num_kv_heads, head_dim=b.head_dim,
                           out_features=b.width, use_bias=cfg.use_bias, qk_norm=cfg.qk_norm,
-                          qk_norm_eps=cfg.rmsnorm_eps, mask="causal", dtype=dtype, dense_2d=flat, name="attn")(
+                          qk_norm_eps=cfg.rmsnorm_eps, mask="causal", dtype=dtype, dense_2d=flat,
+                          cache_layout=self.cache_layout, name="attn")(
             y, angles=angles, kv=kv, index=index, temperature=temperature, segment_ids=segment_ids,
             key_mask=key_mask)
         if cfg.post_norm:
@@ -108,6 +110,15 @@ def _per_backend(choice: bool | None, backend: str | None, *, on_cpu: bool) -> b
     if choice is not None:
         return choice
     return ((backend or jax.default_backend()) == "cpu") == on_cpu
+
+
+def unstack_layers(layers_params, num_layers: int) -> tuple:
+    """A block's stacked layer params (``params['layers']``, leading axis ``num_layers``) → one
+    FlowLayer param tree per layer (for ``AFBlock.step_unstacked``)."""
+    leading = {x.shape[0] for x in jax.tree_util.tree_leaves(layers_params)}
+    if leading != {num_layers}:
+        raise ValueError(f"stacked layer params have leading sizes {sorted(leading)}: expected {num_layers} layers")
+    return tuple(jax.tree_util.tree_map(lambda x, i=i: x[i], layers_params) for i in range(num_layers))
 
 
 def layer_stack(config: FlowConfig, block: BlockConfig) -> nn.Module:
@@ -256,14 +267,54 @@ class AFBlock(nn.Module):
         The inputs are in the block's permuted order; the output at sequence position s parametrises
         token s (start-token blocks) or token s + 1 (shift blocks).
         """
-        q = inp.shape[1]
-        start = cache.index - self.prefix_len
-        h = self.embed(inp.astype(jnp.float32), labels, start, cache.length - self.prefix_len)
-        angles = self.rope_table(cache.length)
-        if angles is not None:
-            angles = jax.lax.dynamic_slice_in_dim(jnp.asarray(angles), cache.index, q, axis=0)
+        h, angles = self._step_inputs(inp, labels, cache.index, cache.length)
         h, (k, v) = self.layers(h, (cache.k, cache.v), angles, cache.index, temperature, None, None)
-        return self.head(h), KVCache(k=k, v=v, index=cache.index + q)
+        return self.head(h), KVCache(k=k, v=v, index=cache.index + inp.shape[1])
+
+    def step_unstacked(self, inp, labels, caches: tuple[KVCache, ...], layer_params, temperature=None):
+        """``step`` with one cache per layer (any ``KVCache`` layout) and the layers' params given
+        unstacked (``unstack_layers``) → (head outputs (B, Q, 2d|d), per-layer caches).
+
+        The same computation as ``step`` through unrolled layers, for a sampling loop: with the params
+        sliced once before the loop and one cache array per layer, each step writes its keys in place
+        instead of slicing every weight and cache out of the stacked arrays and concatenating the
+        caches back (on CPU the stacked form copied every cache about four times per token).
+        """
+        index = caches[0].index
+        h, angles = self._step_inputs(inp, labels, index, caches[0].length)
+        h, caches = self._layers_unstacked(h, caches, layer_params, angles, index, temperature)
+        return self.head(h), caches
+
+    def prefill_text_unstacked(self, text, caches: tuple[KVCache, ...], layer_params,
+                               temperature=None) -> tuple[KVCache, ...]:
+        """``prefill_text`` into one cache per layer (see ``step_unstacked``)."""
+        e = self.proj_txt(text.astype(compute_dtype(self.config)))
+        angles = self.rope_table()
+        angles = None if angles is None else angles[: self.prefix_len]
+        _, caches = self._layers_unstacked(e, caches, layer_params, angles, caches[0].index, temperature)
+        return caches
+
+    def _layers_unstacked(self, h, caches, layer_params, angles, index, temperature):
+        """The layers one by one, layer i with ``layer_params[i]`` and ``caches[i]`` → (h, caches)."""
+        if len(caches) != self.block.num_layers or len(layer_params) != self.block.num_layers:
+            raise ValueError(f"block {self.block_index} has {self.block.num_layers} layers: got {len(caches)} "
+                             f"caches and {len(layer_params)} layer params")
+        new = []
+        for params, cache in zip(layer_params, caches):
+            layer = FlowLayer(self.config, self.block, cache_layout=cache.layout, parent=None)  # unbound
+            h, (k, v) = layer.apply({"params": params}, h, (cache.k, cache.v), angles, index, temperature)
+            new.append(cache.replace(k=k, v=v, index=index + h.shape[1]))
+        return h, tuple(new)
+
+    def _step_inputs(self, inp, labels, index, length: int):
+        """Embedded inputs (B, Q, D) of Q new inputs (B, Q, d) at cache slot ``index`` of ``length``,
+        and their RoPE angles (Q, hd/2) (None: no RoPE)."""
+        q = inp.shape[1]
+        h = self.embed(inp.astype(jnp.float32), labels, index - self.prefix_len, length - self.prefix_len)
+        angles = self.rope_table(length)
+        if angles is not None:
+            angles = jax.lax.dynamic_slice_in_dim(jnp.asarray(angles), index, q, axis=0)
+        return h, angles
 
 
 class FlowModel(nn.Module):

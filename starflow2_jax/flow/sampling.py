@@ -6,7 +6,13 @@ point x = μ(x) + σ(x)·z. Sequential sampling is the special case ``block_size
 (one exact step per position). Jacobi stops a chunk when the batch-global relative change
 sum((new − old)²) / sum(new²) falls below ``threshold`` (or after ``max_iters``), rewinding the KV
 cache between iterations; on convergence the cache keeps the keys of the last iterate's inputs,
-exactly as ml-starflow does.
+exactly as ml-starflow does. With one iteration (sequential) a chunk is one pass, no while loop.
+
+Where the layers are unrolled (``flow.block.scans_layers`` False: the CPU default) the loop state
+holds one heads-major cache per layer and the per-layer params are sliced once before the loops
+(``AFBlock.step_unstacked``); measured on 2 loaded CPU cores in one process, alternating, same
+weights, this and the loop-free sequential pass took tarflow-32's sequential sampling from 134 to 57
+ms per batch of 16 (Jacobi 120 → 111 ms). Rolled layers keep the stacked cache.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from starflow2_jax.flow.api import split_cond
-from starflow2_jax.flow.block import AFBlock, compute_dtype, sigma_from_preact, split_affine
+from starflow2_jax.flow.block import (AFBlock, compute_dtype, scans_layers, sigma_from_preact, split_affine,
+                                      unstack_layers)
 from starflow2_jax.flow.config import FlowConfig
 from starflow2_jax.flow.guidance import guided_affine
 from starflow2_jax.flow.patchify import check_tokens, permute, unpatchify, unpermute
@@ -44,6 +51,17 @@ class JacobiOptions:
         if self.blocks not in ("all", "deep"):
             raise ValueError(f"jacobi blocks={self.blocks!r}: expected 'all' or 'deep'")
         return self
+
+
+def _index(cache):
+    """The write index of a stacked ``KVCache`` or of a tuple of per-layer ones (all equal)."""
+    return cache[0].index if isinstance(cache, tuple) else cache.index
+
+
+def _with_index(cache, index):
+    if isinstance(cache, tuple):
+        return tuple(c.replace(index=index) for c in cache)
+    return cache.replace(index=index)
 
 
 def _invert_block(config: FlowConfig, k: int, block_params, x, labels, text, uncond_text, *, guided: bool,
@@ -80,10 +98,26 @@ def _invert_block(config: FlowConfig, k: int, block_params, x, labels, text, unc
     num_chunks = math.ceil(steps / n)
     padded = num_chunks * n
     prefix = config.text_len if block_cfg.text_conditioned else 0
-    cache = KVCache.create(rows, prefix + padded, block_cfg.num_kv_heads, block_cfg.head_dim,
-                           num_layers=block_cfg.num_layers, dtype=compute_dtype(config))
-    if prefix:
-        cache = call(AFBlock.prefill_text, text_k, cache, temperature)
+    length = prefix + padded
+    if scans_layers(config):  # one rolled layer body: stacked params and caches, sliced inside the loop
+        cache = KVCache.create(rows, length, block_cfg.num_kv_heads, block_cfg.head_dim,
+                               num_layers=block_cfg.num_layers, dtype=compute_dtype(config))
+        if prefix:
+            cache = call(AFBlock.prefill_text, text_k, cache, temperature)
+        step = functools.partial(call, AFBlock.step)
+    else:
+        # Unrolled layers (AFBlock.step_unstacked): the params sliced once, here, and one cache per layer
+        # in the loop state, heads-major (B, Hkv, S, hd) so that the attention products read it as it
+        # lies. The barrier keeps XLA from sinking the slices back into the loop body (it sinks cheap
+        # loop-invariant ops), where they would copy every weight at every step.
+        layer_params = jax.lax.optimization_barrier(unstack_layers(block_params["layers"], block_cfg.num_layers))
+        cache = tuple(KVCache.create(rows, length, block_cfg.num_kv_heads, block_cfg.head_dim,
+                                     dtype=compute_dtype(config), layout="bhsd")
+                      for _ in range(block_cfg.num_layers))
+        if prefix:
+            cache = call(AFBlock.prefill_text_unstacked, text_k, cache, layer_params, temperature)
+        step = lambda inp, labels, cache, temperature: call(  # noqa: E731
+            AFBlock.step_unstacked, inp, labels, cache, layer_params, temperature)
 
     targets = jnp.pad(u[:, shift:], ((0, 0), (0, padded - steps), (0, 0)))  # the noise of each generated token
     first = call(AFBlock.start_inputs, rows) if config.sos else u[:, :1]
@@ -97,23 +131,33 @@ def _invert_block(config: FlowConfig, k: int, block_params, x, labels, text, unc
         valid = (pos < steps)[None, :, None]
         scale = guidance * (pos + 1) / steps if annealed else guidance
 
-        def iterate(state):
-            x_full, cache, i, _ = state
+        def update(x_full, cache):
+            """One transformer pass over the chunk → (its new values (B, n, d), the advanced cache)."""
             inp = jax.lax.dynamic_slice_in_dim(x_full, start, n, axis=1)
-            o, new_cache = call(AFBlock.step, inp, labels_k, cache, temperature)
+            o, new_cache = step(inp, labels_k, cache, temperature)
             a, b = split_affine(config, o)
             if guided:
                 mu, sigma = guided_affine(config, a, b, scale, guide)
             else:
                 mu, (sigma, _) = b, sigma_from_preact(config, a)
-            new = mu + sigma * z_chunk
+            return mu + sigma * z_chunk, new_cache
+
+        def write(x_full, new):
+            return jax.lax.dynamic_update_slice_in_dim(x_full, new.astype(x_full.dtype), start + 1, axis=1)
+
+        if max_iters == 1:  # one exact pass per chunk (sequential sampling): no fixed-point loop to run
+            new, cache = update(x_full, cache)
+            return write(x_full, new), cache, iters + 1
+
+        def iterate(state):
+            x_full, cache, i, _ = state
+            new, new_cache = update(x_full, cache)
             old = jax.lax.dynamic_slice_in_dim(x_full, start + 1, n, axis=1)
             change = jnp.sum(jnp.where(valid, jnp.square(new - old), 0.0))
             size = jnp.sum(jnp.where(valid, jnp.square(new), 0.0))
             done = (change / jnp.maximum(size, jnp.finfo(jnp.float32).tiny) < threshold) | (i + 1 >= max_iters)
-            x_full = jax.lax.dynamic_update_slice_in_dim(x_full, new.astype(x_full.dtype), start + 1, axis=1)
-            cache = new_cache.replace(index=jnp.where(done, new_cache.index, cache.index))  # rewind unless done
-            return x_full, cache, i + 1, done
+            index = jnp.where(done, _index(new_cache), _index(cache))  # rewind unless done
+            return write(x_full, new), _with_index(new_cache, index), i + 1, done
 
         state = (x_full, cache, jnp.zeros((), jnp.int32), jnp.zeros((), bool))
         x_full, cache, used, _ = jax.lax.while_loop(lambda s: ~s[3], iterate, state)

@@ -118,22 +118,40 @@ def test_attention_matches_torch_sdpa(heads, kv_heads, qk_norm):
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
-def test_cached_incremental_attention_equals_full_pass():
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_cached_incremental_attention_equals_full_pass(layout):
+    """Oracle: the uncached causal pass. Either cache layout; the cache holds each key at its slot."""
     batch, length, dim, hd = 2, 9, 16, 8
     x = rand((batch, length, dim))
     angles = rand((length, hd // 2), 1)
-    module = Attention(num_heads=4, num_kv_heads=2, head_dim=hd, qk_norm=True)
+    module = Attention(num_heads=4, num_kv_heads=2, head_dim=hd, qk_norm=True, cache_layout=layout)
     params = attention_params(module, x)
     full, _ = module.apply({"params": params}, x, angles=angles)
-    cache = KVCache.create(batch, 12, 2, hd)
+    cache = KVCache.create(batch, 12, 2, hd, layout=layout)
+    assert cache.length == 12 and cache.k.shape == ((2, 12, 2, hd) if layout == "bshd" else (2, 2, 12, hd))
     outs = []
     for start, stop in [(0, 3), (3, 4), (4, 9)]:  # uneven chunks, like a prefill then steps
         y, (k, v) = module.apply({"params": params}, x[:, start:stop], angles=angles[start:stop],
                                  kv=(cache.k, cache.v), index=cache.index)
-        cache = KVCache(k=k, v=v, index=cache.index + (stop - start))
+        cache = cache.replace(k=k, v=v, index=cache.index + (stop - start))
         outs.append(y)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
     assert int(cache.index) == 9 and int(cache.rewind(4).index) == 5
+    # the keys sit at their slots on the layout's position axis (as one (B, S, Hkv, hd) write puts them)
+    empty = KVCache.create(batch, 12, 2, hd)
+    reference = Attention(num_heads=4, num_kv_heads=2, head_dim=hd, qk_norm=True)
+    _, (k_ref, _) = reference.apply({"params": params}, x, angles=angles, kv=(empty.k, empty.v), index=0)
+    keys = cache.k if layout == "bshd" else cache.k.transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(keys, k_ref, atol=1e-6)
+
+
+def test_cache_layout_errors():
+    with pytest.raises(ValueError, match="cache layout='bsdh'"):
+        KVCache.create(1, 4, 1, 8, layout="bsdh")
+    x = rand((1, 2, 16))
+    module = Attention(num_heads=2, num_kv_heads=2, head_dim=8, cache_layout="hbsd")
+    with pytest.raises(ValueError, match="cache_layout='hbsd'"):
+        module.init(jax.random.PRNGKey(0), x)
 
 
 def test_attention_masks():
