@@ -19,9 +19,9 @@ model (system turn first; the same text segments, so the same token ids): user a
 context, the assistant's text (its closing ``<|im_end|>`` included) is trained and its images are
 targets — ``pretzel.chat_items``' rule. Which kinds a stage reads follows ``model.starflow2.pairs``
 (``KINDS_OF_PAIRS``): 't2i' (stage 1, L_NF) the kinds with target images and captions before their
-image; 'i2t' (stage 2, L_NTP) the kinds that read an image and answer in words, captions after their
-image (next_digit too: its reply names the digit after the one it read; its drawn image is a target,
-which stage 2's L_NTP does not read); 'mixed' (stage 3) every kind, a caption before or after its image at random. Kinds are drawn
+image; 'i2t' (stage 2, L_NTP) the kinds that read an image and answer in words and draw nothing,
+captions after their image (next_digit, which draws, would bring L_NF into stage 2: its drawn image's
+likelihood reads the adapter's output through the deep stream); 'mixed' (stage 3) every kind, a caption before or after its image at random. Kinds are drawn
 with ``demo_text.KIND_WEIGHTS`` (restricted to the stage's kinds), every filler with the
 ``demo_text`` generators where one fits (draw, interleaved, next_digit: the language model's own).
 
@@ -47,7 +47,7 @@ from starflow2_jax.data.images import decode_image
 from starflow2_jax.data.interleaved import IMAGE, TEXT
 
 KINDS = ("caption", "draw", "question", "interleaved", "next_digit")
-KINDS_OF_PAIRS = {"t2i": ("caption", "draw", "interleaved", "next_digit"), "i2t": ("caption", "question", "next_digit"),
+KINDS_OF_PAIRS = {"t2i": ("caption", "draw", "interleaved", "next_digit"), "i2t": ("caption", "question"),
                   "mixed": KINDS}
 DOCUMENTS_PER_EPOCH = 1500  # one epoch: as many documents as the train split has digits
 

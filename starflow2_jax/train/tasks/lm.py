@@ -395,9 +395,10 @@ class LMTask(TaskBase):
                              f"[0, {self.vlm_config.vocab_size})")
         if self.vision_config is not None:
             pixels = out["pixels"]
-            if pixels.ndim != 5 or pixels.shape[0] != tokens.shape[0] or pixels.shape[2:] != (DIGIT_SIZE, DIGIT_SIZE, 3):
-                raise ValueError(f"pixels {pixels.shape}: expected (B={tokens.shape[0]}, M, {DIGIT_SIZE}, {DIGIT_SIZE}, "
-                                 f"3) uint8 digits")
+            digit = (DIGIT_SIZE, DIGIT_SIZE, 3)
+            if pixels.ndim != 5 or pixels.shape[0] != tokens.shape[0] or pixels.shape[2:] != digit:
+                raise ValueError(f"pixels {pixels.shape}: expected (B={tokens.shape[0]}, M, {DIGIT_SIZE}, "
+                                 f"{DIGIT_SIZE}, 3) uint8 digits")
             if out["image_index"].shape != tokens.shape:
                 raise ValueError(f"image_index {out['image_index'].shape}: expected {tokens.shape} like tokens")
         return out
@@ -478,7 +479,8 @@ def add_defaults(config: ml_collections.ConfigDict) -> None:
     config.model.lm = ml_collections.ConfigDict(dict(
         vlm=ml_collections.ConfigDict(vlm), images="none", vision=ml_collections.ConfigDict(TINY_VISION),
         tokenizer="demo", tokenizer_sha256="", grid=[2, 2], corpus_seed=0, corpus_documents=4000,
-        corpus_weights=ml_collections.ConfigDict(), image_shift=0, image_noise=False, seq_len=256, packing_bins=16, dtype="float32", remat="none"))
+        corpus_weights=ml_collections.ConfigDict(), image_shift=0, image_noise=False, seq_len=256, packing_bins=16,
+        dtype="float32", remat="none"))
 
 
 def validate(config) -> None:
