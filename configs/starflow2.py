@@ -31,15 +31,16 @@ Presets (``arg`` = ``size,stage[,runlocal]``):
   seen an image); stage 3, where the deep stream reaches the LM head through W_D, taught it (56% after
   500 steps). Since stop 13 stage 0 pretrains the VLM with its vision tower on real digits
   (``configs/lm.py``), and the adapter learns to speak to it: "What digit is this?" right for 60 of 100
-  held-out digits after stage 2's 300 steps, 83% of the 297 after stage 3 (under load, ``runs/demo_s13``). Text → image accuracy
+  held-out digits after stage 2's 300 steps (a run under load), 85.5% of the 297 after stage 3 (README). Text → image accuracy
   grows with training (28% after stage 1's 1000 steps, 42% after stage 3's 500 at guidance 2): the
   demo's budget, not the model, is what limits it. ``launch/local.sh demo`` on the idle machine with
   stop 11's presets (a text-only stage 0, 50 steps of stage 2): 710 s (stage 0 76 s, stage 1 152 s,
   stage 2 33 s, stage 3 358 s at 3.0 steps/s, scoring 89 s); text → image 84% (guidance 2, image
   temperature 0.6), held-out 2.355 bits/dim, understanding 60%, interleaved structure 100% and images
-  82%, next digit 18%. With stop 13's (stage 0 with the tower, 300 steps of stage 2; under load from
-  other jobs, 1016 s): text → image 80%, 2.358 bits/dim, understanding 83%, interleaved structure 100%
-  and images 74%, next digit 59% (the right next digit named 80% of the time, against 21%) (README).
+  82%, next digit 18%. With stop 13's (stage 0 with the tower, 300 steps of stage 2): 913 s (stage 0
+  225 s, stage 1 144 s, stage 2 96 s, stage 3 361 s, scoring 82 s); text → image 86%, 2.359 bits/dim,
+  understanding 86%, interleaved structure 100% and images 74%, next digit 57% (the right next digit
+  named 78% of the time, against 21%) (README).
   Images are drawn at ``sample.image_temperature = 0.6`` (noise ε ~ N(0, 0.36·I), Glow's temperature):
   on the demo's trained stage 3 at guidance 2 (400 samples judged) accuracy was 44% at T = 1, 52% at
   0.8 and 59% at 0.6, and the within-class variety 1.31 of the real digits' at T = 1 (outside the
