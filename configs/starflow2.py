@@ -30,8 +30,8 @@ Presets (``arg`` = ``size,stage[,runlocal]``):
   stage-0 model was text-only, and stage 2 (the adapter alone) left its answers at chance (it had never
   seen an image); stage 3, where the deep stream reaches the LM head through W_D, taught it (56% after
   500 steps). Since stop 13 stage 0 pretrains the VLM with its vision tower on real digits
-  (``configs/lm.py``), and the adapter learns to speak to it: "What digit is this?" right for 60 of 100
-  held-out digits after stage 2's 300 steps (a run under load), 85.5% of the 297 after stage 3 (README). Text → image accuracy
+  (``configs/lm.py``), and the adapter learns to speak to it: "What digit is this?" right for 69 of the
+  first 100 held-out digits after stage 2's 300 steps, 85.5% of the 297 after stage 3 (README). Text → image accuracy
   grows with training (28% after stage 1's 1000 steps, 42% after stage 3's 500 at guidance 2): the
   demo's budget, not the model, is what limits it. ``launch/local.sh demo`` on the idle machine with
   stop 11's presets (a text-only stage 0, 50 steps of stage 2): 710 s (stage 0 76 s, stage 1 152 s,
