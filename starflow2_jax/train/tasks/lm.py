@@ -154,10 +154,16 @@ def corpus(seed: int, documents: int, weights: tuple = ()) -> tuple:
     return tuple(demo_corpus(int(seed), int(documents), dict(weights)))
 
 
+def corpus_key(section) -> tuple:
+    """``(corpus_seed, corpus_documents, corpus_weights as sorted (kind, weight) pairs)`` of ``model.lm``:
+    the arguments of the cached ``corpus`` and demo tokenizer."""
+    weights = tuple(sorted((str(k), float(v)) for k, v in dict(section.get("corpus_weights", {}) or {}).items()))
+    return int(section.corpus_seed), int(section.corpus_documents), weights
+
+
 def corpus_of(section) -> tuple:
     """The corpus ``model.lm`` describes."""
-    weights = tuple(sorted((str(k), float(v)) for k, v in dict(section.get("corpus_weights", {}) or {}).items()))
-    return corpus(int(section.corpus_seed), int(section.corpus_documents), weights)
+    return corpus(*corpus_key(section))
 
 
 @functools.lru_cache(maxsize=4)
@@ -170,8 +176,7 @@ def _demo_tokenizer(seed: int, documents: int, weights: tuple = ()):
 def tokenizer_of(section):
     """The ``tokenizers.Tokenizer`` of ``model.lm.tokenizer`` ('demo': trained on the corpus)."""
     if section.tokenizer == "demo":
-        weights = tuple(sorted((str(k), float(v)) for k, v in dict(section.get("corpus_weights", {}) or {}).items()))
-        return _demo_tokenizer(int(section.corpus_seed), int(section.corpus_documents), weights)
+        return _demo_tokenizer(*corpus_key(section))
     import os
 
     import tokenizers
